@@ -1,0 +1,1 @@
+"""Flax modules of OpenVLA: vision towers, projector, Llama decoder and their composition."""

@@ -1,0 +1,136 @@
+"""OpenVLA = fused vision backbone -> projector -> Llama, composed like PaliGemma.
+
+Sequence layout (as the official forward): ``[BOS] + [P projected patches] + input_ids[1:]``; the
+patches are always attended (mask ones) and take no loss. Logits come back for all T + P positions.
+
+Pixels are NHWC float[B, H, W, 3 * towers]: channels [0:3] normalized for DINOv2 (ImageNet mean/std),
+[3:6] for SigLIP (mean 0.5, std 0.5); the PyTorch layout is the same tensor in NCHW.
+
+Axis letters: B batch, T text tokens, P patches, D LLM width, V vocab.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ovla_jax.models.config import OpenVLAConfig
+from ovla_jax.models.llama import KVCache, LlamaForCausalLM
+from ovla_jax.models.projector import Projector
+from ovla_jax.models.vit import ViT
+
+Dtype = Any
+
+
+class VisionBackbone(nn.Module):
+    """One or two ViT towers on the same image; features concatenated on the channel axis."""
+
+    towers: tuple
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        """float[B, H, W, 3 * towers] -> float[B, P, sum(widths)]."""
+        expected = 3 * len(self.towers)
+        if pixel_values.shape[-1] != expected:
+            raise ValueError(f"pixel_values has {pixel_values.shape[-1]} channels; {len(self.towers)} "
+                             f"tower(s) need {expected} (NHWC, 3 per tower)")
+        names = ("featurizer", "fused_featurizer")
+        features = []
+        for i, cfg in enumerate(self.towers):
+            tower = ViT(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name=names[i])
+            features.append(tower(pixel_values[..., 3 * i:3 * i + 3])[0])
+        return jnp.concatenate(features, axis=-1) if len(features) > 1 else features[0]
+
+
+class OpenVLA(nn.Module):
+    """``apply({"params": p}, pixel_values, input_ids, attention_mask)`` -> float32[B, T + P, V]."""
+
+    config: OpenVLAConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if len(cfg.vision) > 2:
+            raise ValueError(f"at most two vision towers are supported, got {len(cfg.vision)}")
+        self.vision_backbone = VisionBackbone(tuple(cfg.vision), **kw)
+        self.projector = Projector(cfg.projector, cfg.llm.hidden_size, **kw)
+        self.language_model = LlamaForCausalLM(cfg.llm, **kw)
+
+    def embed_images(self, pixel_values):
+        """float[B, H, W, C] -> float[B, P, D] projected patch embeddings."""
+        return self.projector(self.vision_backbone(pixel_values))
+
+    def embed_inputs(self, pixel_values, input_ids, attention_mask=None):
+        """-> (embeds float[B, P + T, D], mask bool[B, P + T]) with patches inserted after BOS."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        patches = self.embed_images(pixel_values)
+        text = self.language_model.embed(input_ids).astype(patches.dtype)
+        embeds = jnp.concatenate([text[:, :1], patches, text[:, 1:]], axis=1)
+        patch_mask = jnp.ones(patches.shape[:2], bool)
+        attention_mask = attention_mask.astype(bool)
+        mask = jnp.concatenate([attention_mask[:, :1], patch_mask, attention_mask[:, 1:]], axis=1)
+        return embeds, mask
+
+    def __call__(self, pixel_values, input_ids, attention_mask=None):
+        embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask)
+        logits, _ = self.language_model(embeds, mask)
+        return logits
+
+    def hidden_states(self, pixel_values, input_ids, attention_mask=None):
+        """Final-norm hidden states float[B, P + T, D] (training gathers the labelled positions and
+        applies ``logits`` only there)."""
+        embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask)
+        return self.language_model.hidden(embeds, mask)[0]
+
+    def logits(self, hidden):
+        return self.language_model.logits(hidden)
+
+    def prefill(self, pixel_values, input_ids, attention_mask, cache: KVCache):
+        """Run the prompt through the LLM into ``cache``; return logits float32[B, V] of each row's
+        last real token (rows may be padded anywhere after BOS)."""
+        embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask)
+        hidden, cache = self.language_model.hidden(embeds, mask, cache)
+        last = mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+        last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return self.language_model.logits(last_hidden), cache
+
+    def extend(self, token_ids, cache: KVCache):
+        """Append token_ids int[B, t] to the cache; return logits float32[B, t, V]."""
+        embeds = self.language_model.embed(token_ids)
+        hidden, cache = self.language_model.hidden(embeds, jnp.ones(token_ids.shape, bool), cache)
+        return self.language_model.logits(hidden), cache
+
+
+def init_cache(config: OpenVLAConfig, batch: int, prompt_len: int, new_tokens: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache long enough for the prompt (text + patches) and ``new_tokens`` more."""
+    return KVCache.zeros(config.llm, batch, prompt_len + config.num_patches + new_tokens, dtype)
+
+
+@partial(jax.jit, static_argnames=("model", "num_tokens"))
+def greedy_decode(model: OpenVLA, params, pixel_values, input_ids, attention_mask=None, *, num_tokens: int = 7):
+    """Greedy decoding with the KV cache: -> (tokens int32[B, num_tokens], logits float32[B, num_tokens, V]).
+
+    argmax runs over the full (padded) vocabulary, as upstream's ``generate``.
+    """
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, bool)
+    batch, prompt_len = input_ids.shape
+    cache = init_cache(model.config, batch, prompt_len, num_tokens, dtype=model.dtype)
+    variables = {"params": params}
+    logits, cache = model.apply(variables, pixel_values, input_ids, attention_mask, cache, method=OpenVLA.prefill)
+
+    def step(carry, _):
+        logits, cache = carry
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        next_logits, cache = model.apply(variables, token[:, None], cache, method=OpenVLA.extend)
+        return (next_logits[:, 0], cache), (token, logits)
+
+    (_, _), (tokens, step_logits) = jax.lax.scan(step, (logits, cache), None, length=num_tokens)
+    return tokens.T, jnp.swapaxes(step_logits, 0, 1)

@@ -1,0 +1,187 @@
+"""One Vision Transformer for both OpenVLA towers (DINOv2-reg4 ViT-L/14 and SigLIP So400m/14).
+
+Variants differ by flags in ``ViTConfig`` (cls token, registers, LayerScale, pool head). Parameter
+names mirror timm's (``blocks_3/attn/qkv``) so the checkpoint name map is mechanical.
+
+Shapes: B batch, P patches, D width, N = prefix (cls + registers) + P tokens.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ovla_jax import sharding as ax
+from ovla_jax.models.config import ViTConfig
+from ovla_jax.models.layers import attention, dense, exact_gelu, layer_norm
+
+Dtype = Any
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual-branch scale (timm's LayerScale; ``scale_factor`` as in the HF checkpoint)."""
+
+    dim: int
+    init_value: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale_factor", nn.with_logical_partitioning(
+            nn.initializers.constant(self.init_value), (ax.NORM,)), (self.dim,), self.param_dtype)
+        return x * scale.astype(self.dtype)
+
+
+class MlpBlock(nn.Module):
+    """fc1 -> exact GELU -> fc2."""
+
+    hidden: int
+    out: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(self.hidden, (ax.EMBED, ax.MLP), name="fc1", **kw)(x)
+        x = exact_gelu(x)
+        return dense(self.out, (ax.MLP, ax.EMBED), name="fc2", **kw)(x)
+
+
+class SelfAttention(nn.Module):
+    """Fused-qkv attention; the qkv output is laid out [3, heads, head_dim] as timm's."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, d = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = dense(3 * d, (ax.EMBED, ax.QKV), name="qkv", **kw)(x)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        return dense(d, (ax.HEADS, ax.EMBED), name="proj", **kw)(out.reshape(b, n, d))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block, optional LayerScale on both residual branches."""
+
+    cfg: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = layer_norm(cfg.norm_eps, name="norm1", **kw)(x)
+        y = SelfAttention(cfg.num_heads, name="attn", **kw)(y)
+        if cfg.layerscale:
+            y = LayerScale(cfg.width, cfg.layerscale_init, name="ls1", **kw)(y)
+        x = x + y
+        y = layer_norm(cfg.norm_eps, name="norm2", **kw)(x)
+        y = MlpBlock(cfg.mlp_dim, cfg.width, name="mlp", **kw)(y)
+        if cfg.layerscale:
+            y = LayerScale(cfg.width, cfg.layerscale_init, name="ls2", **kw)(y)
+        return x + y
+
+
+class AttentionPoolHead(nn.Module):
+    """SigLIP's multi-head attention-pooling head (timm ``attn_pool``). Unused by OpenVLA, whose
+    features come from an inner block, but its parameters are part of the checkpoint."""
+
+    cfg: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, n, d = x.shape
+        h = cfg.num_heads
+        latent = self.param("latent", nn.with_logical_partitioning(
+            nn.initializers.normal(d ** -0.5), (None, None, ax.EMBED)), (1, 1, d), self.param_dtype)
+        q = dense(d, (ax.EMBED, ax.HEADS), name="q", **kw)(jnp.broadcast_to(latent.astype(self.dtype), (b, 1, d)))
+        kv = dense(2 * d, (ax.EMBED, ax.QKV), name="kv", **kw)(x).reshape(b, n, 2, h, d // h)
+        out = attention(q.reshape(b, 1, h, d // h), kv[:, :, 0], kv[:, :, 1]).reshape(b, 1, d)
+        out = dense(d, (ax.HEADS, ax.EMBED), name="proj", **kw)(out)
+        out = out + MlpBlock(cfg.mlp_dim, d, name="mlp", **kw)(layer_norm(cfg.norm_eps, name="norm", **kw)(out))
+        return out[:, 0]
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch conv (kernel HWIO; the PyTorch OIHW layout is converted by the name map)."""
+
+    width: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        p = self.patch_size
+        return nn.Conv(
+            self.width, (p, p), strides=(p, p), padding="VALID", name="proj",
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (ax.PATCH, ax.PATCH, ax.PATCH, ax.EMBED)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (ax.EMBED,)),
+        )(images.astype(self.dtype))
+
+
+class ViT(nn.Module):
+    """images float[B, H, W, 3] (already normalized for this tower) -> (features, intermediates).
+
+    ``features`` float[B, P, D] is the output of block ``cfg.feature_block`` with prefix tokens
+    dropped (upstream's ``get_intermediate_layers(n={depth - 2})``). Later blocks, the final norm and
+    the pool head run only under ``full=True`` (or at init, so every checkpoint tensor exists).
+    ``intermediates`` maps ``block_<i>`` (and ``encoded``/``pooled`` when full) to outputs.
+    """
+
+    cfg: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, full: bool = False):
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b = images.shape[0]
+        x = PatchEmbed(cfg.width, cfg.patch_size, name="patch_embed", **kw)(images)
+        x = x.reshape(b, -1, cfg.width)
+        if x.shape[1] != cfg.num_patches:
+            raise ValueError(f"image of shape {images.shape[1:3]} gives {x.shape[1]} patches; the tower "
+                             f"expects {cfg.image_size}px -> {cfg.num_patches}")
+        # Position embedding covers the patches only and is added before prefix tokens join
+        # (timm no_embed_class; SigLIP has no prefix tokens at all).
+        pos = self.param("pos_embed", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (None, ax.POS, ax.EMBED)), (1, cfg.num_patches, cfg.width), self.param_dtype)
+        x = x + pos.astype(self.dtype)
+        prefix = []
+        if cfg.class_token:
+            cls = self.param("cls_token", nn.with_logical_partitioning(
+                nn.initializers.normal(1e-6), (None, None, ax.EMBED)), (1, 1, cfg.width), self.param_dtype)
+            prefix.append(jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.width)))
+        if cfg.num_registers:
+            reg = self.param("reg_token", nn.with_logical_partitioning(
+                nn.initializers.normal(1e-6), (None, ax.POS, ax.EMBED)), (1, cfg.num_registers, cfg.width), self.param_dtype)
+            prefix.append(jnp.broadcast_to(reg.astype(self.dtype), (b, cfg.num_registers, cfg.width)))
+        if prefix:
+            x = jnp.concatenate(prefix + [x], axis=1)
+
+        run_all = full or self.is_initializing()
+        last = cfg.depth - 1 if run_all else cfg.feature_block
+        intermediates = {}
+        for i in range(last + 1):
+            x = ViTBlock(cfg, name=f"blocks_{i}", **kw)(x)
+            intermediates[f"block_{i}"] = x
+        features = intermediates[f"block_{cfg.feature_block}"][:, cfg.num_prefix_tokens:]
+        if run_all:
+            encoded = layer_norm(cfg.norm_eps, name="norm", **kw)(x)
+            intermediates["encoded"] = encoded
+            if cfg.pool == "map":
+                intermediates["pooled"] = AttentionPoolHead(cfg, name="attn_pool", **kw)(encoded)
+            elif cfg.class_token:
+                intermediates["pooled"] = encoded[:, 0]
+        return features, intermediates

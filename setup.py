@@ -1,0 +1,28 @@
+"""ovla-jax: OpenVLA in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ovla-jax",
+    version="0.1.0",
+    description="OpenVLA (vision-language-action policy) in JAX/Flax, with HF PyTorch weight conversion",
+    packages=find_packages(include=["ovla_jax", "ovla_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.8",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+        "ml_dtypes",
+        "safetensors>=0.4",
+        "tqdm",
+    ],
+    extras_require={
+        # PyTorch reference for parity tests and export checks; never imported by the package itself.
+        "torch": ["torch", "torchvision", "timm", "transformers"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["ovla-jax=ovla_jax.cli:main"]},
+)
