@@ -1,0 +1,52 @@
+"""``ovla-jax <verb>``: the command-line entry point (``python -m ovla_jax <verb>`` is the same)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Verbs whose capability has not landed yet, with the issue that brings it.
+_PENDING = {
+    "train": "sharded training (issue 4)",
+    "stats": "the RLDS data pipeline (issue 3)",
+    "eval": "closed-loop evaluation (issue 5)",
+    "serve": "the policy server",
+}
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ovla_jax import selfcheck
+
+    return selfcheck.run(args.workdir)
+
+
+def _pending(verb: str):
+    def run(_args) -> int:
+        print(f"ovla-jax {verb}: not available yet; it arrives with {_PENDING[verb]}.", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ovla_jax import convert
+
+    parser = argparse.ArgumentParser(prog="ovla-jax", description="OpenVLA in JAX")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    p = verbs.add_parser("convert", help="convert checkpoints between the HF PyTorch and ovla-jax formats")
+    convert.add_arguments(p)
+    p.set_defaults(run=convert.run)
+    p = verbs.add_parser("demo", help="the built-in main job")
+    p.add_argument("--workdir", default=os.path.join(os.getcwd(), "workdir", "demo"))
+    p.add_argument("--quick", action="store_true", help="the shortest run")
+    p.set_defaults(run=_demo)
+    for verb, what in _PENDING.items():
+        p = verbs.add_parser(verb, help=f"(arrives with {what})")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(run=_pending(verb))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

@@ -1,0 +1,55 @@
+"""Checkpoint conversion between the HF PyTorch layout and ovla-jax's own (``ovla-jax convert``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ovla_jax.checkpoints import hf, jax_format
+from ovla_jax.checkpoints.errors import CheckpointError
+
+FORMATS = ("hf", "jax")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="src_format", choices=FORMATS, required=True, help="format of SRC")
+    parser.add_argument("--to", dest="dst_format", choices=FORMATS, required=True, help="format to write")
+    parser.add_argument("src", metavar="SRC", help="source checkpoint directory")
+    parser.add_argument("dst", metavar="DST", help="destination directory (written atomically)")
+    parser.add_argument("--dtype", choices=sorted(hf.DTYPES), default=None,
+                        help="cast every tensor (default: keep each tensor's dtype)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="HF output shard size (GiB)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def convert(src: str, dst: str, src_format: str, dst_format: str, dtype: str | None = None,
+            overwrite: bool = False, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> None:
+    """Read SRC in one format and write DST in the other (or the same: a re-shard / dtype cast)."""
+    if src_format == "hf":
+        config, params, norm_stats = hf.load_hf_checkpoint(src, dtype=dtype, progress=progress)
+    else:
+        config, params, norm_stats = jax_format.load_jax_checkpoint(src, dtype=dtype)
+    if dst_format == "hf":
+        hf.save_hf_checkpoint(dst, config, params, norm_stats, carry_from=src, overwrite=overwrite,
+                              max_shard_bytes=max_shard_bytes, progress=progress)
+    else:
+        jax_format.save_jax_checkpoint(dst, config, params, norm_stats, carry_from=src, overwrite=overwrite)
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.time()
+    try:
+        convert(args.src, args.dst, args.src_format, args.dst_format, args.dtype, args.overwrite,
+                int(args.max_shard_gb * 1024**3), progress=not args.quiet)
+    except CheckpointError as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"converted {args.src} ({args.src_format}) -> {args.dst} ({args.dst_format}) in {time.time() - start:.1f}s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="convert_weights", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,32 @@
+"""Test setup: CPU only, fp32 matmuls exact, tiny configs built here (no network, no downloads)."""
+import json
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from ovla_jax.models.config import TINY_LLAMA, openvla_config  # noqa: E402
+
+TINY_HF_FIELDS = {"vision_backbone_id": "dinosiglip-vit-tiny", "llm_backbone_id": "llama2-tiny"}
+
+
+def tiny_config(vision_backbone_id: str = "dinosiglip-vit-tiny", **fields):
+    fields.setdefault("llm", TINY_LLAMA)
+    fields.setdefault("pad_token_id", TINY_LLAMA.vocab_size - 64)
+    hf = dict(TINY_HF_FIELDS, vision_backbone_id=vision_backbone_id)
+    return openvla_config(vision_backbone_id, hf=json.dumps(hf), **fields)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; run with -m slow")
+    config.addinivalue_line("markers", "torch: needs the [torch] extra (PyTorch, timm, transformers)")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_config()
