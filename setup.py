@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         # PyTorch reference for parity tests and export checks; never imported by the package itself.
-        "torch": ["torch", "torchvision", "timm", "transformers"],
+        "torch": ["torch>=2.1", "torchvision", "timm>=1.0", "transformers>=4.40"],
         "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["ovla-jax=ovla_jax.cli:main"]},

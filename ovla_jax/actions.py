@@ -31,8 +31,10 @@ def bin_centers(n_bins: int = N_ACTION_BINS) -> np.ndarray:
 
 def encode_actions(actions, vocab_size: int = LLAMA2_VOCAB_SIZE, n_bins: int = N_ACTION_BINS, xp=np):
     """float[..., A] normalized actions -> int32[..., A] token ids (``vocab_size - digitize``)."""
-    edges = xp.asarray(bin_edges(n_bins), dtype=xp.float32)
-    clipped = xp.clip(xp.asarray(actions, dtype=xp.float32), -1.0, 1.0)
+    # numpy keeps upstream's float64 edges (bit-identical bins); jax uses its default float width.
+    precise = xp.float64 if xp is np else xp.float32
+    edges = xp.asarray(bin_edges(n_bins), dtype=precise)
+    clipped = xp.clip(xp.asarray(actions), -1.0, 1.0).astype(precise)
     # np.digitize(x, edges) == searchsorted(edges, x, side="right") for increasing edges.
     digitized = xp.searchsorted(edges, clipped, side="right")
     return (vocab_size - digitized).astype(xp.int32)
