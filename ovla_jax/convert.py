@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from ovla_jax.checkpoints import hf, jax_format
+from ovla_jax.checkpoints import hf
 from ovla_jax.checkpoints.errors import CheckpointError
 
 FORMATS = ("hf", "jax")
@@ -25,16 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(src: str, dst: str, src_format: str, dst_format: str, dtype: str | None = None,
             overwrite: bool = False, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> None:
-    """Read SRC in one format and write DST in the other (or the same: a re-shard / dtype cast)."""
-    if src_format == "hf":
-        config, params, norm_stats = hf.load_hf_checkpoint(src, dtype=dtype, progress=progress)
-    else:
-        config, params, norm_stats = jax_format.load_jax_checkpoint(src, dtype=dtype)
-    if dst_format == "hf":
-        hf.save_hf_checkpoint(dst, config, params, norm_stats, carry_from=src, overwrite=overwrite,
-                              max_shard_bytes=max_shard_bytes, progress=progress)
-    else:
-        jax_format.save_jax_checkpoint(dst, config, params, norm_stats, carry_from=src, overwrite=overwrite)
+    """Stream SRC in one format into DST in another (or the same: a re-shard / dtype cast), one tensor
+    at a time; DST appears only when complete."""
+    hf.convert_checkpoint(src, dst, hf.LAYOUTS[src_format], hf.LAYOUTS[dst_format], dtype=dtype, overwrite=overwrite,
+                          max_shard_bytes=max_shard_bytes, progress=progress)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,6 @@
 and a clear error (naming file/key/shape) for every kind of bad input, with nothing half-written."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from flax import traverse_util
 
 from ovla_jax.checkpoints import hf, jax_format, safetensors_io as st
 from ovla_jax.checkpoints.errors import CheckpointError
+from ovla_jax.checkpoints.tensor_dir import TensorDir
 from ovla_jax.checkpoints.hf_config import config_from_hf, config_to_hf
 from ovla_jax.convert import convert
 from ovla_jax.models.config import openvla_config
@@ -55,8 +55,8 @@ def _bits(a):
 
 
 def _hf_tensors(path):
-    files = hf._tensor_files(str(path))
-    return {k: st.read_tensor(f, k) for k, f in files.items()}
+    tensors = TensorDir(str(path), "model")
+    return {k: tensors.read(k) for k in tensors.files}
 
 
 @pytest.fixture()
@@ -258,7 +258,7 @@ def test_no_weights(tmp_path):
     src.mkdir()
     (src / "config.json").write_text(json.dumps(PUBLISHED_7B_CONFIG))
     (src / "pytorch_model.bin").write_bytes(b"")
-    _expect_failure(src, tmp_path, "no *.safetensors weights", "pytorch_model.bin")
+    _expect_failure(src, tmp_path, "no model*.safetensors weights", "pytorch_model.bin")
 
 
 def test_existing_destination_is_kept_unless_overwrite(tiny_hf, tmp_path):
@@ -290,8 +290,10 @@ def test_jax_checkpoint_params_not_matching_config(tiny_hf, tmp_path):
     config = json.loads((tmp_path / "j" / "config.json").read_text())
     config["text_config"]["num_hidden_layers"] = 3
     (tmp_path / "j" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="missing .*layers_2"):
+    with pytest.raises(CheckpointError, match="missing tensor.*layers_2"):
         jax_format.load_jax_checkpoint(str(tmp_path / "j"))
-    shutil.rmtree(tmp_path / "j" / "params")
-    with pytest.raises(CheckpointError, match="no 'params/'"):
+    for f in os.listdir(tmp_path / "j"):
+        if f.startswith("params"):
+            os.remove(tmp_path / "j" / f)
+    with pytest.raises(CheckpointError, match=r"no params\*\.safetensors weights"):
         jax_format.load_jax_checkpoint(str(tmp_path / "j"))

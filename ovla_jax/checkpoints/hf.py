@@ -1,6 +1,11 @@
 """HF PyTorch checkpoint (openvla/openvla-7b layout) <-> ovla-jax params. The only module that knows
 PyTorch names.
 
+Both checkpoint layouts are directories of safetensors shards plus the official ``config.json``: the HF
+layout keys tensors by PyTorch name in PyTorch layout (``model*.safetensors``), the ovla-jax layout by
+Flax path in Flax layout (``params*.safetensors``). Conversion streams between them tensor by tensor
+(peak memory: one tensor), which a whole-tree writer such as orbax (which copies the tree) cannot.
+
 The name map is derived from the Flax parameter tree, whose module names mirror the PyTorch ones:
 ``blocks_3`` <-> ``blocks.3``; leaf ``kernel`` <-> ``weight`` (Linear: transposed; Conv: HWIO <-> OIHW);
 ``scale``/``embedding`` <-> ``weight``; anything else (``pos_embed``, ``cls_token``, ``reg_token``,
@@ -16,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +30,14 @@ import numpy as np
 from flax import traverse_util
 from flax.linen import meta
 
-from ovla_jax.checkpoints import safetensors_io as st
+from ovla_jax.checkpoints.safetensors_io import dtype_from_name
+from ovla_jax.checkpoints.tensor_dir import TensorDir, read_json, write_tensor_dir
 from ovla_jax.checkpoints.errors import CheckpointError
 from ovla_jax.checkpoints.hf_config import REMOTE_CODE_FILES, config_from_hf, config_to_hf
 from ovla_jax.models.config import OpenVLAConfig
 from ovla_jax.models.openvla import OpenVLA
 
 CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
@@ -109,116 +113,95 @@ def name_map(config: OpenVLAConfig) -> list[Entry]:
     return sorted(entries, key=lambda e: e.hf_name)
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one checkpoint format names and lays out each Entry."""
+
+    name: str  # "hf" | "jax"
+    stem: str  # shard file stem
+
+    def key(self, e: Entry) -> str:
+        return e.hf_name if self.name == "hf" else "/".join(e.path)
+
+    def shape(self, e: Entry) -> tuple[int, ...]:
+        return e.hf_shape if self.name == "hf" else e.jax_shape
+
+    def from_flax(self, e: Entry, array: np.ndarray) -> np.ndarray:
+        return e.to_hf(array) if self.name == "hf" else array
+
+    def to_flax(self, e: Entry, array: np.ndarray) -> np.ndarray:
+        return e.from_hf(array) if self.name == "hf" else array
+
+
+HF = Layout("hf", "model")
+JAX = Layout("jax", "params")
+LAYOUTS = {"hf": HF, "jax": JAX}
+INDEX_FILE = f"{HF.stem}.safetensors.index.json"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reading
 
 
-def _read_json(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
 def read_config(path: str) -> tuple[OpenVLAConfig, dict]:
     """(config, norm_stats) from a checkpoint directory's config.json."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory not found")
     file = os.path.join(path, CONFIG_FILE)
-    return config_from_hf(_read_json(file), file)
+    return config_from_hf(read_json(file), file)
 
 
-def _tensor_files(path: str) -> dict[str, str]:
-    """HF key -> safetensors file, from the index when present, else from the lone file(s)."""
-    index = os.path.join(path, INDEX_FILE)
-    found: dict[str, str] = {}
-    if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: has no 'weight_map' object")
-        headers = {}
-        for key, file in weight_map.items():
-            full = os.path.join(path, file)
-            if file not in headers:
-                if not os.path.isfile(full):
-                    raise CheckpointError(f"{index}: lists {file!r} (for {key!r}), which does not exist")
-                headers[file] = st.read_header(full)
-            if key not in headers[file]:
-                raise CheckpointError(f"{full}: the index places {key!r} here, but the file lacks it")
-            found[key] = full
-        for file, header in headers.items():
-            for key in header:
-                if key != "__metadata__" and key not in weight_map:
-                    raise CheckpointError(f"{os.path.join(path, file)}: holds {key!r}, which the index does not list")
-        return found
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        others = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
-        hint = f" (found {others}: re-save them as safetensors)" if others else ""
-        raise CheckpointError(f"{path}: no *.safetensors weights{hint}")
-    for file in files:
-        full = os.path.join(path, file)
-        for key in st.read_header(full):
-            if key == "__metadata__":
-                continue
-            if key in found:
-                raise CheckpointError(f"{full}: {key!r} also appears in {found[key]}")
-            found[key] = full
-    return found
-
-
-def _check_key_sets(entries: list[Entry], files: dict[str, str], where: str) -> None:
-    expected = {e.hf_name for e in entries}
-    missing = sorted(expected - set(files))
-    extra = sorted(set(files) - expected)
+def open_checked(path: str, layout: Layout, entries: list[Entry]) -> TensorDir:
+    """Open a checkpoint's tensors, requiring exactly ``entries``' keys with their shapes."""
+    tensors = TensorDir(path, layout.stem)
+    expected = {layout.key(e): e for e in entries}
+    missing = sorted(set(expected) - set(tensors.files))
+    extra = sorted(set(tensors.files) - set(expected))
     if missing or extra:
         lines = []
         if missing:
             lines.append(f"{len(missing)} missing tensor(s): " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
         if extra:
-            lines.append(f"{len(extra)} unexpected tensor(s): " + ", ".join(f"{k} (in {os.path.basename(files[k])})" for k in extra[:10])
-                         + (" ..." if len(extra) > 10 else ""))
-        raise CheckpointError(f"{where}: tensors do not match the architecture in config.json:\n  " + "\n  ".join(lines))
+            lines.append(f"{len(extra)} unexpected tensor(s): " + ", ".join(
+                f"{k} (in {os.path.basename(tensors.files[k])})" for k in extra[:10]) + (" ..." if len(extra) > 10 else ""))
+        raise CheckpointError(f"{path}: tensors do not match the architecture in config.json:\n  " + "\n  ".join(lines))
+    for key, entry in expected.items():
+        found, want = tensors.shape(key), layout.shape(entry)
+        if found != want:
+            raise CheckpointError(f"{tensors.files[key]}: tensor {key!r} has shape {found}, expected {want}")
+    return tensors
 
 
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
+    from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, unit="tensor", leave=False)
 
 
-def load_hf_checkpoint(path: str, dtype: Optional[str] = None, progress: bool = False) -> tuple[OpenVLAConfig, dict, dict]:
-    """HF checkpoint dir -> (config, params as nested dicts of numpy arrays, norm_stats).
-
-    Arrays keep the checkpoint's dtype unless ``dtype`` ("float32", "bfloat16", "float16") is given.
-    """
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: checkpoint directory not found")
+def load_checkpoint(path: str, layout: Layout, dtype: Optional[str] = None,
+                    progress: bool = False) -> tuple[OpenVLAConfig, dict, dict]:
+    """Checkpoint dir -> (config, params as nested dicts of numpy arrays, norm_stats)."""
     config, norm_stats = read_config(path)
     entries = name_map(config)
-    files = _tensor_files(path)
-    _check_key_sets(entries, files, path)
+    tensors = open_checked(path, layout, entries)
     target = DTYPES[dtype] if dtype else None
-    flat, headers = {}, {}
-    bar = _progress(len(entries), "reading HF tensors", progress)
+    flat = {}
+    bar = _progress(len(entries), f"reading {path}", progress)
     for entry in entries:
-        file = files[entry.hf_name]
-        header = headers.get(file) or headers.setdefault(file, st.read_header(file))
-        found = tuple(header[entry.hf_name]["shape"])
-        if found != entry.hf_shape:
-            raise CheckpointError(f"{file}: tensor {entry.hf_name!r} has shape {found}, expected {entry.hf_shape}")
-        array = entry.from_hf(st.read_tensor(file, entry.hf_name, header))
-        flat[entry.path] = np.ascontiguousarray(array, dtype=target)
+        flat[entry.path] = np.ascontiguousarray(layout.to_flax(entry, tensors.read(layout.key(entry))), dtype=target)
         if bar:
             bar.update()
     if bar:
         bar.close()
     return config, traverse_util.unflatten_dict(flat), norm_stats
+
+
+def load_hf_checkpoint(path: str, dtype: Optional[str] = None, progress: bool = False) -> tuple[OpenVLAConfig, dict, dict]:
+    """HF checkpoint dir -> (config, params, norm_stats). Arrays keep the checkpoint's dtype unless
+    ``dtype`` ("float32", "bfloat16", "float16") is given."""
+    return load_checkpoint(path, HF, dtype, progress)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,9 +233,10 @@ def _dtype_label(dtypes: set) -> str:
 
 def carried_files(src: str) -> list[str]:
     """Files of a checkpoint dir that travel unchanged (tokenizer, processor, remote code, ...)."""
-    skip = {CONFIG_FILE, INDEX_FILE}
-    return sorted(f for f in os.listdir(src) if os.path.isfile(os.path.join(src, f)) and f not in skip
-                  and not f.endswith(".safetensors"))
+    def is_weights(name):
+        return name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+    return sorted(f for f in os.listdir(src) if os.path.isfile(os.path.join(src, f)) and f != CONFIG_FILE
+                  and not is_weights(f))
 
 
 def atomic_dir(dst: str, overwrite: bool = False):
@@ -286,47 +270,59 @@ class _AtomicDir:
         return False
 
 
-def save_hf_checkpoint(path: str, config: OpenVLAConfig, params: dict, norm_stats: Optional[dict] = None, *,
-                       dtype: Optional[str] = None, carry_from: Optional[str] = None, overwrite: bool = False,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> None:
-    """params -> HF checkpoint dir (config.json, sharded safetensors + index, carried files).
-
-    Written to a temp dir and renamed into place only when complete. ``dtype`` casts every tensor;
-    by default each keeps its dtype.
-    """
-    entries = check_params(config, params)
-    flat = traverse_util.flatten_dict(meta.unbox(params))
-    target = DTYPES[dtype] if dtype else None
-    out_dtype = {e.hf_name: target or np.dtype(flat[e.path].dtype) for e in entries}
-    by_name = {e.hf_name: e for e in entries}
-    items = [(e.hf_name, e.hf_shape, out_dtype[e.hf_name]) for e in entries]
-    shards = st.plan_shards(items, max_shard_bytes)
-    names = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+def write_checkpoint(path: str, layout: Layout, config: OpenVLAConfig, norm_stats: Optional[dict],
+                     entries: list[Entry], dtypes: dict, produce_flax: Callable[[Entry], np.ndarray], *,
+                     carry_from: Optional[str] = None, overwrite: bool = False,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> None:
+    """Write a checkpoint dir atomically: tensors (``produce_flax(entry)`` gives each in Flax layout,
+    called once, in order), config.json, carried files. ``dtypes`` maps entry path -> stored dtype."""
+    by_key = {layout.key(e): e for e in entries}
+    items = [(layout.key(e), layout.shape(e), dtypes[e.path]) for e in entries]
 
     def produce(key: str) -> np.ndarray:
-        entry = by_name[key]
-        return np.asarray(entry.to_hf(np.asarray(flat[entry.path])), dtype=out_dtype[key])
+        entry = by_key[key]
+        return np.asarray(layout.from_flax(entry, np.asarray(produce_flax(entry))), dtype=dtypes[entry.path])
 
     carried = carried_files(carry_from) if carry_from else []
     has_remote_code = all(f in carried for f in REMOTE_CODE_FILES)
-    bar = _progress(len(entries), "writing HF tensors", progress)
+    bar = _progress(len(entries), f"writing {path}", progress)
     with atomic_dir(path, overwrite) as tmp:
-        for name, shard in zip(names, shards):
-            st.write_file(os.path.join(tmp, name), shard, produce, on_tensor=(lambda _: bar.update()) if bar else None)
-        if len(shards) > 1:
-            total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in items)
-            weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
-            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-        torch_dtype = _dtype_label(set(out_dtype.values()))
+        write_tensor_dir(tmp, layout.stem, items, produce, max_shard_bytes, on_tensor=(lambda _: bar.update()) if bar else None)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(config_to_hf(config, norm_stats, torch_dtype, has_remote_code), f, indent=2)
+            json.dump(config_to_hf(config, norm_stats, _dtype_label(set(dtypes.values())), has_remote_code), f, indent=2)
             f.write("\n")
         for file in carried:
             shutil.copy2(os.path.join(carry_from, file), os.path.join(tmp, file))
     if bar:
         bar.close()
+
+
+def save_checkpoint(path: str, layout: Layout, config: OpenVLAConfig, params: dict, norm_stats: Optional[dict] = None, *,
+                    dtype: Optional[str] = None, **kwargs) -> None:
+    """In-memory params -> checkpoint dir of ``layout``. ``dtype`` casts every tensor; by default each
+    keeps its own dtype."""
+    entries = check_params(config, params)
+    flat = traverse_util.flatten_dict(meta.unbox(params))
+    dtypes = {e.path: DTYPES[dtype] if dtype else np.dtype(flat[e.path].dtype) for e in entries}
+    write_checkpoint(path, layout, config, norm_stats, entries, dtypes, lambda e: flat[e.path], **kwargs)
+
+
+def save_hf_checkpoint(path: str, config: OpenVLAConfig, params: dict, norm_stats: Optional[dict] = None,
+                       **kwargs) -> None:
+    """params -> HF checkpoint dir (config.json, sharded model*.safetensors + index, carried files),
+    written to a temp dir and renamed into place only when complete."""
+    save_checkpoint(path, HF, config, params, norm_stats, **kwargs)
+
+
+def convert_checkpoint(src: str, dst: str, src_layout: Layout, dst_layout: Layout, *, dtype: Optional[str] = None,
+                       **kwargs) -> None:
+    """Stream every tensor of ``src`` into ``dst`` (any layout to any layout), one at a time."""
+    config, norm_stats = read_config(src)
+    entries = name_map(config)
+    tensors = open_checked(src, src_layout, entries)
+    dtypes = {e.path: DTYPES[dtype] if dtype else dtype_from_name(tensors.dtype_name(src_layout.key(e))) for e in entries}
+    write_checkpoint(dst, dst_layout, config, norm_stats, entries, dtypes,
+                     lambda e: src_layout.to_flax(e, tensors.read(src_layout.key(e))), carry_from=src, **kwargs)
 
 
 def iter_hf_names(config: OpenVLAConfig) -> Iterator[tuple[str, tuple[int, ...]]]:

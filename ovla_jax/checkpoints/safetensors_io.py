@@ -31,6 +31,13 @@ def dtype_name(dtype) -> str:
         raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
+def dtype_from_name(name: str) -> np.dtype:
+    """numpy dtype of a safetensors dtype name ("BF16" -> ml_dtypes.bfloat16)."""
+    if name not in _NAME_DTYPES:
+        raise CheckpointError(f"safetensors dtype {name} is not supported")
+    return _NAME_DTYPES[name]
+
+
 def read_header(path: str) -> dict:
     """The JSON header of a safetensors file: {key: {dtype, shape, data_offsets}}, validated."""
     try:
