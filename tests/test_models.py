@@ -25,8 +25,9 @@ def _full_recompute_greedy(model, params, pixels, ids, n):
     """Reference decoding without a cache: rerun the whole sequence for every token."""
     ids = np.asarray(ids)
     tokens, logits = [], []
+    apply = jax.jit(model.apply)
     for _ in range(n):
-        out = np.asarray(model.apply({"params": params}, pixels, jnp.asarray(ids)))
+        out = np.asarray(apply({"params": params}, pixels, jnp.asarray(ids)))
         logits.append(out[:, -1])
         tokens.append(out[:, -1].argmax(-1))
         ids = np.concatenate([ids, tokens[-1][:, None]], axis=1)
@@ -130,3 +131,51 @@ def test_openvla_7b_parameter_count():
     # 7,541,237,184 = DINOv2-L/14-reg4 (304.4M) + SigLIP So400m (428.2M, attn-pool head included)
     # + projector (91.0M) + Llama-2-7B with vocab 32064 (6,738.4M + 2 x 64 x 4096).
     assert _count(hf.abstract_params(openvla_config("dinosiglip-vit-so-224px"))) == 7_541_237_184
+
+
+def test_every_param_has_logical_axis_names():
+    """The sharding rules table can only shard what is annotated: every param must be."""
+    import flax.linen as nn
+
+    config = tiny_config()
+    model = OpenVLA(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 6)), jnp.ones((1, 2), jnp.int32)))
+    flat = traverse_util.flatten_dict(boxed["params"])
+    assert flat
+    for path, leaf in flat.items():
+        assert isinstance(leaf, nn.Partitioned), "/".join(path)
+        assert len(leaf.names) == len(leaf.value.shape), "/".join(path)
+    kernel = flat[("language_model", "model", "layers_0", "mlp", "up_proj", "kernel")]
+    assert kernel.names == ("embed", "mlp")
+
+
+@pytest.mark.parametrize("variant", ["7b", "siglip", "dinov2", "dinosiglip-384", "tiny"])
+def test_model_config_files(variant):
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "model_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "model", "openvla.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from ovla_jax.models.config import from_config_dict
+
+    config = from_config_dict(module.get_config(variant))
+    if variant == "7b":
+        assert _count(hf.abstract_params(config)) == 7_541_237_184
+        assert config.tokenizer_vocab_size == 32000
+    if variant == "tiny":
+        logits = OpenVLA(config).apply({"params": random_params(config)}, random_pixels(config, 1), jnp.ones((1, 3), jnp.int32))
+        assert logits.shape == (1, 3 + config.num_patches, config.llm.vocab_size)
+    with pytest.raises(ValueError, match="unknown model variant"):
+        module.get_config("13b-typo")
+
+
+def test_bf16_compute_keeps_fp32_logits_and_tracks_fp32(setup):
+    config, model, params = setup
+    pixels, ids = random_pixels(config, 2), jnp.ones((2, 4), jnp.int32)
+    want = np.asarray(model.apply({"params": params}, pixels, ids))
+    got = OpenVLA(config, dtype=jnp.bfloat16).apply({"params": params}, pixels, ids)
+    assert got.dtype == jnp.float32
+    err = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
+    assert 0 < err < 0.05  # bf16 rounding is visible, but small relative to the logit scale

@@ -38,7 +38,7 @@ class TorchProjector(torch.nn.Module):
 
 
 class TorchOpenVLA(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, kv_heads=None):
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
         # Same flags as vit_large_patch14_reg4_dinov2 / vit_so400m_patch14_siglip_224, tiny widths.
@@ -48,7 +48,8 @@ class TorchOpenVLA(torch.nn.Module):
                                         class_token=False, global_pool="map", num_classes=0)
         self.projector = TorchProjector(80, 64)
         cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, pad_token_id=VOCAB - 64, rms_norm_eps=1e-6)
+                                       num_attention_heads=4, num_key_value_heads=kv_heads or 4,
+                                       pad_token_id=VOCAB - 64, rms_norm_eps=1e-6)
         self.llm = transformers.LlamaForCausalLM(cfg)
 
     def features(self, tower, images):
@@ -73,8 +74,8 @@ class TorchOpenVLA(torch.nn.Module):
         return out
 
 
-def hf_config_json():
-    return {
+def hf_config_json(kv_heads=None):
+    config = {
         "arch_specifier": "no-align+fused-gelu-mlp", "vision_backbone_id": "dinosiglip-vit-tiny",
         "llm_backbone_id": "llama2-tiny", "image_sizes": [IMAGE, IMAGE], "model_type": "openvla",
         "pad_token_id": VOCAB - 64, "pad_to_multiple_of": 64, "n_action_bins": 256, "use_fused_vision_backbone": True,
@@ -83,12 +84,17 @@ def hf_config_json():
                         "torch_dtype": "float32"},
         "norm_stats": {"toy": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}},
     }
+    if kv_heads:
+        config["text_config"]["num_key_value_heads"] = kv_heads
+    return config
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, 2], ids=["mha", "gqa"])
+def reference(request, tmp_path_factory):
+    """Parametrized over the LLM's attention: plain multi-head, and grouped-query (2 kv heads for 4)."""
     torch.manual_seed(0)
-    model = TorchOpenVLA().eval()
+    kv_heads = request.param
+    model = TorchOpenVLA(kv_heads).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # random non-trivial weights: no zero biases, no unit LayerScale / norms
         for name, p in model.named_parameters():
@@ -101,8 +107,9 @@ def reference(tmp_path_factory):
     safetensors_torch.save_file({k: state[k] for k in keys[len(keys) // 2:]}, str(path / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: f"model-0000{1 + (i >= len(keys) // 2)}-of-00002.safetensors" for i, k in enumerate(keys)}}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    (path / "config.json").write_text(json.dumps(hf_config_json()))
+    (path / "config.json").write_text(json.dumps(hf_config_json(kv_heads)))
     config, params, norm_stats = hf.load_hf_checkpoint(str(path))
+    assert config.llm.kv_heads == (kv_heads or 4)
     return model, config, params, norm_stats, state
 
 
@@ -187,3 +194,16 @@ def test_greedy_action_tokens_match_torch_with_padded_batch(reference):
                               jnp.asarray(mask), num_tokens=7)
     assert np.asarray(tokens).tolist() == want
     assert len({tuple(w) for w in want}) > 1  # rows differ: padding did not collapse them
+
+
+def test_our_export_reads_back_with_the_safetensors_library(reference, tmp_path):
+    """Files written by our streaming writer load with safetensors' own torch reader, equal to the source."""
+    model, config, params, norm_stats, state = reference
+    hf.save_hf_checkpoint(str(tmp_path / "out"), config, params, norm_stats, max_shard_bytes=50_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    loaded = {}
+    for file in sorted(set(index["weight_map"].values())):
+        loaded.update(safetensors_torch.load_file(str(tmp_path / "out" / file)))
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
