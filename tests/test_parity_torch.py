@@ -120,6 +120,17 @@ def _inputs(batch_lengths, seed=3):
     return pixels, ids
 
 
+def _pad_right(rows, dtype):
+    """Right-pad id lists with the pad token -> (ids, mask)."""
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), VOCAB - 64, dtype)
+    mask = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = True
+    return ids, mask
+
+
 def _jax_logits(config, params, pixels_nchw, ids, mask):
     model = OpenVLA(config)
     return np.asarray(model.apply({"params": params}, jnp.asarray(pixels_nchw.transpose(0, 2, 3, 1)),
@@ -152,12 +163,7 @@ def test_logits_match_torch_padded_batch(reference):
     model, config, params, _, _ = reference
     lengths = [6, 11, 8]
     pixels, ids = _inputs(lengths, seed=4)
-    width = max(lengths)
-    padded = np.full((3, width), VOCAB - 64, np.int64)
-    mask = np.zeros((3, width), bool)
-    for i, row in enumerate(ids):
-        padded[i, :len(row)] = row
-        mask[i, :len(row)] = True
+    padded, mask = _pad_right(ids, np.int64)
     got = _jax_logits(config, params, pixels, padded, mask)
     patches = config.num_patches
     for i, row in enumerate(ids):
@@ -184,12 +190,7 @@ def test_greedy_action_tokens_match_torch_with_padded_batch(reference):
     lengths = [7, 12, 9]
     pixels, ids = _inputs(lengths, seed=5)
     want = [_torch_greedy(model, pixels[i:i + 1], row, 7) for i, row in enumerate(ids)]
-    width = max(lengths)
-    padded = np.full((3, width), VOCAB - 64, np.int32)
-    mask = np.zeros((3, width), bool)
-    for i, row in enumerate(ids):
-        padded[i, :len(row)] = row
-        mask[i, :len(row)] = True
+    padded, mask = _pad_right(ids, np.int32)
     tokens, _ = greedy_decode(OpenVLA(config), params, jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(padded),
                               jnp.asarray(mask), num_tokens=7)
     assert np.asarray(tokens).tolist() == want
