@@ -1,0 +1,1 @@
+"""Open X-Embodiment: the dataset registry, per-dataset standardization, named mixtures."""

@@ -1,0 +1,142 @@
+"""The ONE registry of datasets: camera keys, state/action encodings and the standardization transform.
+
+Entries list only what differs from the defaults (``_spec``). Only EEF_POS / EEF_R6 datasets feed the
+VLA; the others are registered so that mixtures naming them fail or skip with a reason, not a KeyError.
+A ``standardize`` of None means the transform is not written yet: using that dataset is a clear error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Callable, Mapping, Optional
+
+from ovla_jax.data.errors import DataError
+from ovla_jax.data.oxe import transforms as T
+
+
+class StateEncoding(enum.IntEnum):
+    NONE = -1
+    POS_EULER = 1  # EEF xyz (3) + rpy (3) + pad (1) + gripper (1)
+    POS_QUAT = 2  # EEF xyz (3) + quaternion (4) + gripper (1)
+    JOINT = 3  # joint angles (7, padded) + gripper (1)
+    JOINT_BIMANUAL = 4
+
+
+class ActionEncoding(enum.IntEnum):
+    EEF_POS = 1  # EEF delta xyz (3) + rpy (3) + gripper (1)
+    JOINT_POS = 2
+    JOINT_POS_BIMANUAL = 3
+    EEF_R6 = 4  # EEF delta xyz (3) + R6 (6) + gripper (1)
+
+
+VLA_ACTION_ENCODINGS = (ActionEncoding.EEF_POS, ActionEncoding.EEF_R6)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    cameras: Mapping[str, Optional[str]]  # primary / secondary / wrist -> observation key
+    state_encoding: StateEncoding
+    action_encoding: ActionEncoding
+    standardize: Optional[Callable]
+    language_key: str = "language_instruction"
+    # BOUNDS_Q99 normalizes the 6 motion dims; the gripper (last) stays as is.
+    action_normalization_mask: tuple = (True,) * 6 + (False,)
+
+    @property
+    def loads_for_vla(self) -> bool:
+        return self.action_encoding in VLA_ACTION_ENCODINGS
+
+
+def _spec(primary, secondary=None, wrist=None, state=StateEncoding.POS_EULER, action=ActionEncoding.EEF_POS,
+          standardize=None, **kw):
+    return dict(cameras={"primary": primary, "secondary": secondary, "wrist": wrist}, state_encoding=state,
+                action_encoding=action, standardize=standardize, **kw)
+
+
+S, A = StateEncoding, ActionEncoding
+_TABLE = {
+    "fractal20220817_data": _spec("image", state=S.POS_QUAT),
+    "kuka": _spec("image", state=S.POS_QUAT),
+    "bridge_oxe": _spec("image", "image_1", standardize=T.bridge_oxe),
+    "bridge_orig": _spec("image_0", "image_1", standardize=T.bridge_orig),
+    "bridge_dataset": _spec("image_0", "image_1", standardize=T.bridge_orig),
+    "taco_play": _spec("rgb_static", wrist="rgb_gripper"),
+    "jaco_play": _spec("image", wrist="image_wrist"),
+    "berkeley_cable_routing": _spec("image", "top_image", "wrist45_image", state=S.JOINT),
+    "roboturk": _spec("front_rgb", state=S.NONE),
+    "nyu_door_opening_surprising_effectiveness": _spec(None, wrist="image", state=S.NONE),
+    "viola": _spec("agentview_rgb", wrist="eye_in_hand_rgb", state=S.JOINT),
+    "berkeley_autolab_ur5": _spec("image", wrist="hand_image", state=S.POS_QUAT),
+    "toto": _spec("image", state=S.JOINT),
+    "language_table": _spec("rgb"),
+    "columbia_cairlab_pusht_real": _spec("image", wrist="wrist_image"),
+    "stanford_kuka_multimodal_dataset_converted_externally_to_rlds": _spec("image", state=S.POS_QUAT),
+    "nyu_rot_dataset_converted_externally_to_rlds": _spec("image"),
+    "stanford_hydra_dataset_converted_externally_to_rlds": _spec("image", wrist="wrist_image"),
+    "austin_buds_dataset_converted_externally_to_rlds": _spec("image", wrist="wrist_image", state=S.JOINT),
+    "nyu_franka_play_dataset_converted_externally_to_rlds": _spec("image", "image_additional_view"),
+    "maniskill_dataset_converted_externally_to_rlds": _spec("image", wrist="wrist_image", state=S.POS_QUAT),
+    "furniture_bench_dataset_converted_externally_to_rlds": _spec("image", wrist="wrist_image", state=S.POS_QUAT),
+    "cmu_franka_exploration_dataset_converted_externally_to_rlds": _spec("highres_image", state=S.NONE),
+    "ucsd_kitchen_dataset_converted_externally_to_rlds": _spec("image", state=S.JOINT),
+    "ucsd_pick_and_place_dataset_converted_externally_to_rlds": _spec("image"),
+    "austin_sailor_dataset_converted_externally_to_rlds": _spec("image", wrist="wrist_image", state=S.POS_QUAT),
+    "austin_sirius_dataset_converted_externally_to_rlds": _spec("image", wrist="wrist_image", state=S.POS_QUAT),
+    "bc_z": _spec("image"),
+    "utokyo_pr2_opening_fridge_converted_externally_to_rlds": _spec("image"),
+    "utokyo_pr2_tabletop_manipulation_converted_externally_to_rlds": _spec("image"),
+    "utokyo_xarm_pick_and_place_converted_externally_to_rlds": _spec("image", "image2", "hand_image"),
+    "utokyo_xarm_bimanual_converted_externally_to_rlds": _spec("image"),
+    "robo_net": _spec("image", "image1"),
+    "berkeley_mvp_converted_externally_to_rlds": _spec(None, wrist="hand_image", state=S.POS_QUAT, action=A.JOINT_POS),
+    "berkeley_rpt_converted_externally_to_rlds": _spec(None, wrist="hand_image", state=S.JOINT, action=A.JOINT_POS),
+    "kaist_nonprehensile_converted_externally_to_rlds": _spec("image", state=S.POS_QUAT),
+    "stanford_mask_vit_converted_externally_to_rlds": _spec("image"),
+    "tokyo_u_lsmo_converted_externally_to_rlds": _spec("image"),
+    "dlr_sara_pour_converted_externally_to_rlds": _spec("image"),
+    "dlr_sara_grid_clamp_converted_externally_to_rlds": _spec("image"),
+    "dlr_edan_shared_control_converted_externally_to_rlds": _spec("image"),
+    "asu_table_top_converted_externally_to_rlds": _spec("image"),
+    "stanford_robocook_converted_externally_to_rlds": _spec("image_1", "image_2"),
+    "imperialcollege_sawyer_wrist_cam": _spec("image", wrist="wrist_image", state=S.NONE),
+    "iamlab_cmu_pickup_insert_converted_externally_to_rlds": _spec("image", wrist="wrist_image", state=S.JOINT),
+    "uiuc_d3field": _spec("image_1", "image_2", state=S.NONE),
+    "utaustin_mutex": _spec("image", wrist="wrist_image", state=S.JOINT),
+    "berkeley_fanuc_manipulation": _spec("image", wrist="wrist_image", state=S.JOINT),
+    "cmu_playing_with_food": _spec("image", wrist="finger_vision_1"),
+    "cmu_play_fusion": _spec("image", state=S.JOINT),
+    "cmu_stretch": _spec("image"),
+    "berkeley_gnm_recon": _spec(None, wrist="image"),
+    "berkeley_gnm_cory_hall": _spec(None, wrist="image"),
+    "berkeley_gnm_sac_son": _spec(None, wrist="image"),
+    "droid": _spec("exterior_image_1_left", "exterior_image_2_left", "wrist_image_left", state=S.POS_QUAT),
+    "fmb_dataset": _spec("image_side_1", "image_side_2", "image_wrist_1"),
+    "dobbe": _spec("wrist_image"),
+    "roboset": _spec("image_left", "image_right", "image_wrist", state=S.JOINT, action=A.JOINT_POS),
+    "rh20t": _spec("image_front", "image_side_right", "image_wrist"),
+    **{f"tdroid_{task}": _spec("static_image") for task in (
+        "carrot_in_bowl", "pour_corn_in_pot", "flip_pot_upright", "move_object_onto_plate", "knock_object_over",
+        "cover_object_with_towel")},
+    "droid_wipe": _spec("exterior_image_2_left", wrist="wrist_image_left"),
+}
+
+REGISTRY: dict[str, DatasetSpec] = {name: DatasetSpec(name=name, **fields) for name, fields in _TABLE.items()}
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    """Add a dataset (e.g. the built-in demo dataset or a user's own) to the registry."""
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> DatasetSpec:
+    if name not in REGISTRY:
+        close = sorted(n for n in REGISTRY if n.split("_")[0] == name.split("_")[0])[:5]
+        hint = f"; similar: {close}" if close else ""
+        raise DataError(f"unknown dataset {name!r}: not in the OXE registry ({len(REGISTRY)} datasets){hint}")
+    spec = REGISTRY[name]
+    if spec.standardize is None:
+        raise DataError(f"dataset {name!r}: its standardization transform is not implemented yet "
+                        f"(ovla_jax/data/oxe/transforms.py)")
+    return spec
