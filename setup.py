@@ -18,6 +18,9 @@ setup(
         "ml_dtypes",
         "safetensors>=0.4",
         "tqdm",
+        "tensorflow-cpu",
+        "tensorflow-datasets",
+        "importlib_resources",
     ],
     extras_require={
         # PyTorch reference for parity tests and export checks; never imported by the package itself.

@@ -65,9 +65,10 @@ def from_rlds(builder, split: str, *, shuffle: bool = False, seed: int = 0, num_
     spec = split_names(builder, split)
     if process_count > 1:
         spec = tfds.even_splits(spec, n=process_count)[process_index]
+    # Unshuffled reads go file by file in order (a full pass sees every episode once, in order).
+    reads = num_parallel_reads if shuffle else 1
     read_config = tfds.ReadConfig(shuffle_seed=seed if shuffle else None, skip_prefetch=True,
-                                  interleave_cycle_length=num_parallel_reads if shuffle else 1,
-                                  num_parallel_calls_for_interleave_files=num_parallel_reads)
+                                  interleave_cycle_length=reads, num_parallel_calls_for_interleave_files=reads)
     ds = builder.as_dataset(split=spec, shuffle_files=shuffle, read_config=read_config,
                             decoders={"steps": tfds.decode.SkipDecoding()})
 

@@ -1,0 +1,201 @@
+"""The assembled pipeline: per dataset read + standardize + normalize -> trajectory transforms ->
+flatten -> shuffle; then mix datasets by weight; then frame transforms (decode, resize, augment, pixel
+values) and batching.
+
+Output frame schema: ``pixel_values`` float32[S, S, 3 * towers], ``image`` uint8[W, S, S, 3] (the
+primary camera over the window), ``action`` float32[W + F, A] normalized, ``action_pad_mask``,
+``pad_mask``, ``task/language_instruction`` string, ``dataset_name`` string.
+
+Reproducibility: every random choice is seeded from ``seed`` (and the process index); augmentation is
+seeded per frame by its position in the stream, so ``start_index`` (= step x host batch) resumes the
+exact stream, skipping the already-seen frames before any image is decoded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+import tensorflow.experimental.numpy as tnp
+
+from ovla_jax import actions as A
+from ovla_jax.data import frames as F
+from ovla_jax.data import traj as T
+from ovla_jax.data import traj_transforms as TT
+from ovla_jax.data.errors import DataError
+from ovla_jax.data.oxe import mixtures, registry
+from ovla_jax.data.stats import DEFAULT_CACHE, dataset_stats
+
+log = logging.getLogger(__name__)
+CAMERAS = ("primary", "secondary", "wrist")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how. ``mixture`` is a named mixture, a dataset name, or (name, weight) pairs."""
+
+    data_dir: str
+    mixture: Union[str, Sequence[tuple[str, float]]] = "bridge"
+    image_size: int = 224
+    towers: tuple = ("dinov2", "siglip")
+    window: int = 1
+    future: int = 0
+    skip_unlabeled: bool = True
+    augment: bool = False
+    shuffle_buffer: int = 100_000
+    subsample_length: Optional[int] = None
+    max_traj_length: Optional[int] = None
+    goal_relabel: bool = False
+    normalization: str = "bounds_q99"  # or "normal"
+    threads: int = 16  # total read/transform threads, shared across datasets by weight
+    stats_cache_dir: Optional[str] = DEFAULT_CACHE
+
+
+def resolve_mixture(mixture) -> list[tuple[str, float]]:
+    if isinstance(mixture, str):
+        if mixture in mixtures.MIXTURES:
+            return mixtures.get_mixture(mixture)
+        if mixture in registry.REGISTRY:
+            return [(mixture, 1.0)]
+        raise DataError(f"unknown mixture or dataset {mixture!r}")
+    return list(mixture)
+
+
+def allocate_threads(total: int, weights: Sequence[float]) -> list[int]:
+    """Split a thread budget across datasets proportionally to their weights, at least 1 each."""
+    w = np.asarray(weights, np.float64)
+    return [max(1, int(round(total * x))) for x in w / w.sum()]
+
+
+def _check_features(builder, spec: registry.DatasetSpec, camera_keys: list[str]) -> None:
+    steps = builder.info.features["steps"]
+    observation = steps["observation"] if "observation" in steps else {}
+    for key in camera_keys:
+        if key not in observation:
+            raise DataError(f"dataset {spec.name!r}: observation has no image key {key!r} "
+                            f"(it has {sorted(observation.keys())})")
+    if spec.language_key not in steps and spec.name not in ("bridge_oxe",):
+        raise DataError(f"dataset {spec.name!r}: steps have no {spec.language_key!r} field")
+
+
+def _normalize(action, stats: dict, kind: str):
+    if kind == "bounds_q99":
+        return A.normalize_bounds_q99(action, stats["action"], xp=tnp)
+    if kind == "normal":
+        return A.normalize_normal(action, stats["action"], xp=tnp)
+    raise DataError(f"unknown normalization {kind!r} (bounds_q99 or normal)")
+
+
+def dataset_frames(cfg: DataConfig, name: str, split: str, *, train: bool, seed: int, threads: int = 4,
+                   process_index: int = 0, process_count: int = 1) -> tuple[tf.data.Dataset, dict]:
+    """One dataset as (frames with encoded images, its statistics). Train: repeated and shuffled."""
+    spec = registry.get_spec(name)
+    if not spec.loads_for_vla:
+        raise DataError(f"dataset {name!r}: action encoding {spec.action_encoding.name} does not feed the VLA "
+                        f"(needs EEF_POS or EEF_R6)")
+    builder = T.open_builder(cfg.data_dir, name)
+    primary = spec.cameras.get("primary")
+    if primary is None:
+        raise DataError(f"dataset {name!r}: the registry names no primary camera")
+    _check_features(builder, spec, [primary])
+    stats = dataset_stats(builder, spec, cfg.stats_cache_dir)
+    ds = T.from_rlds(builder, split, shuffle=train, seed=seed, num_parallel_reads=threads,
+                     process_index=process_index, process_count=process_count)
+
+    def restructure(traj):
+        traj = spec.standardize(traj)
+        length = tf.shape(traj["action"])[0]
+        return {
+            "observation": {"image_primary": traj["observation"][primary]},
+            "task": {"language_instruction": traj[spec.language_key]},
+            "action": _normalize(tf.cast(traj["action"], tf.float32), stats, cfg.normalization),
+            "dataset_name": tf.repeat(tf.constant(name), length),
+        }
+
+    ds = T.traj_map(ds, restructure, threads)
+    ds = ds.filter(lambda traj: tf.shape(traj["action"])[0] > 0)
+    if cfg.skip_unlabeled:
+        ds = ds.filter(TT.has_language)
+    if not any(True for _ in ds.take(1)):  # reads at most until the first usable trajectory
+        raise DataError(f"dataset {name!r}: empty: no trajectory with actions"
+                        f"{' and a language instruction' if cfg.skip_unlabeled else ''} in split {split!r}")
+    if cfg.max_traj_length:
+        ds = T.traj_map(ds, lambda t: TT.truncate(t, cfg.max_traj_length), threads)
+    if cfg.goal_relabel or cfg.subsample_length:
+        ds = ds.enumerate().map(lambda i, t: _seeded_traj_transforms(cfg, t, seed, i), num_parallel_calls=threads,
+                                deterministic=True)
+    ds = T.traj_map(ds, lambda t: TT.chunk(t, cfg.window, cfg.future), threads)
+    if train:
+        ds = ds.repeat()
+    ds = T.flatten(ds)
+    if train:
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=seed)
+    return ds, stats
+
+
+def _seeded_traj_transforms(cfg: DataConfig, traj, seed: int, index):
+    key = tf.stack([tf.cast(seed, tf.int64), index])
+    if cfg.goal_relabel:
+        traj = TT.uniform_goal_relabel(traj, key)
+    if cfg.subsample_length:
+        traj = TT.subsample(traj, cfg.subsample_length, key + 1)
+    return traj
+
+
+def make_frames(cfg: DataConfig, split: str = "train", *, train: bool = True, seed: int = 0, start_index: int = 0,
+                process_index: int = 0, process_count: int = 1) -> tuple[tf.data.Dataset, dict]:
+    """The mixed, decoded frame stream and {dataset: statistics}. ``start_index`` resumes mid-stream."""
+    entries = resolve_mixture(cfg.mixture)
+    host_seed = seed * 1_000_003 + process_index
+    datasets, stats, weights = [], {}, []
+    usable = []
+    for name, weight in entries:
+        spec = registry.REGISTRY.get(name)
+        if len(entries) > 1 and spec is not None and (not spec.loads_for_vla or spec.standardize is None):
+            log.warning("skipping %s in the mixture: %s", name, "non-EEF actions" if not spec.loads_for_vla
+                        else "no standardization transform yet")
+            continue
+        usable.append((name, weight))
+    if not usable:
+        raise DataError(f"no usable dataset in mixture {cfg.mixture!r}")
+    threads = allocate_threads(cfg.threads, [w for _, w in usable])
+    for (name, weight), n_threads in zip(usable, threads):
+        ds, st = dataset_frames(cfg, name, split, train=train, seed=host_seed, threads=n_threads,
+                                process_index=process_index, process_count=process_count)
+        datasets.append(ds)
+        stats[name] = st
+        weights.append(weight * st["num_transitions"])
+    if len(datasets) == 1:
+        mixed = datasets[0]
+    else:
+        probs = np.asarray(weights, np.float64) / np.sum(weights)
+        mixed = tf.data.Dataset.sample_from_datasets(datasets, weights=probs.tolist(), seed=host_seed,
+                                                     stop_on_empty_dataset=train)
+    if start_index:
+        mixed = mixed.skip(start_index)  # before decoding: resuming costs no image work
+    mixed = mixed.enumerate(start=start_index)
+    return mixed.map(lambda i, frame: _frame_transform(cfg, frame, i, host_seed, train),
+                     num_parallel_calls=cfg.threads, deterministic=True), stats
+
+
+def _frame_transform(cfg: DataConfig, frame, index, seed: int, train: bool):
+    size = cfg.image_size
+
+    def load(encoded):
+        image = F.resize(F.decode(encoded), size)
+        if cfg.augment and train:
+            image = F.augment(image, tf.stack([tf.cast(seed % (2**31), tf.int64), index]))
+        return image
+
+    images = tf.map_fn(load, frame["observation"]["image_primary"], fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+    out = {k: v for k, v in frame.items() if k != "observation"}
+    out["image"] = images
+    out["pixel_values"] = F.pixel_values(images[-1], cfg.towers)
+    return out
+
+
+def numpy_batches(frames: tf.data.Dataset, batch_size: int, drop_remainder: bool = True) -> Iterator[dict]:
+    """Host-local numpy batches of frames (prefetched)."""
+    return frames.batch(batch_size, drop_remainder=drop_remainder).prefetch(2).as_numpy_iterator()

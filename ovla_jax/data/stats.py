@@ -1,0 +1,76 @@
+"""Per-dataset action statistics in the official ``norm_stats`` format, computed once and cached.
+
+Computed over ALL splits after standardization (as upstream), from actions only (no image is decoded).
+The cache key hashes the dataset's tfds metadata, its location, the registry entry and the source of
+its standardization transform, so editing the transform or the data recomputes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from ovla_jax.data import traj as T
+from ovla_jax.data.errors import DataError
+from ovla_jax.data.oxe.registry import DatasetSpec
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "ovla_jax", "stats")
+
+
+def stats_key(builder, spec: DatasetSpec) -> str:
+    info = tf.io.gfile.GFile(os.path.join(builder.data_dir, "dataset_info.json")).read()
+    parts = [builder.data_dir, info, spec.name, repr(spec.cameras), repr(spec.action_normalization_mask),
+             inspect.getsource(spec.standardize)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def compute_stats(actions: np.ndarray, num_trajectories: int, mask) -> dict:
+    """float[N, A] actions -> the official stats dict (action: mean/std/max/min/q01/q99/mask, counts)."""
+    if actions.shape[0] == 0:
+        raise DataError("no transitions to compute statistics over")
+    a = actions.astype(np.float64)
+    return {
+        "action": {
+            "mean": a.mean(0).astype(np.float32).tolist(), "std": a.std(0).astype(np.float32).tolist(),
+            "max": a.max(0).astype(np.float32).tolist(), "min": a.min(0).astype(np.float32).tolist(),
+            "q01": np.quantile(a, 0.01, axis=0).astype(np.float32).tolist(),
+            "q99": np.quantile(a, 0.99, axis=0).astype(np.float32).tolist(),
+            "mask": [bool(m) for m in mask],
+        },
+        "num_transitions": int(a.shape[0]),
+        "num_trajectories": int(num_trajectories),
+    }
+
+
+def dataset_stats(builder, spec: DatasetSpec, cache_dir: Optional[str] = DEFAULT_CACHE, progress: bool = False) -> dict:
+    """Statistics of one dataset (all splits, after standardization); read from the cache when present."""
+    key = stats_key(builder, spec)
+    path = os.path.join(cache_dir, f"{spec.name}-{key}.json") if cache_dir else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    ds = T.from_rlds(builder, "all")
+    ds = T.traj_map(ds, lambda traj: {"action": spec.standardize(traj)["action"]})
+    chunks, n_traj = [], 0
+    iterator = ds.as_numpy_iterator()
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(iterator, desc=f"statistics of {spec.name}", unit="traj")
+    for traj in iterator:
+        chunks.append(traj["action"])
+        n_traj += 1
+    if not n_traj:
+        raise DataError(f"dataset {spec.name!r}: empty (no trajectories in {builder.data_dir})")
+    stats = compute_stats(np.concatenate(chunks), n_traj, spec.action_normalization_mask)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(stats, f)
+        os.replace(tmp, path)
+    return stats

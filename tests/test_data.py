@@ -1,0 +1,221 @@
+"""RLDS pipeline tests on the real Bridge V2 sample in ../shared and on RLDS datasets written here."""
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from ovla_jax import actions as A  # noqa: E402
+from ovla_jax.data import frames as F  # noqa: E402
+from ovla_jax.data import rlds_writer as W  # noqa: E402
+from ovla_jax.data import traj_transforms as TT  # noqa: E402
+from ovla_jax.data.batch import BatchTransform, decode_label_actions  # noqa: E402
+from ovla_jax.data.errors import DataError  # noqa: E402
+from ovla_jax.data.oxe import registry  # noqa: E402
+from ovla_jax.data.oxe.transforms import identity  # noqa: E402
+from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches  # noqa: E402
+from ovla_jax.tokenizer import CharTokenizer  # noqa: E402
+
+SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+BRIDGE = os.path.join(SHARED_DATA, "bridge_dataset", "1.0.0")
+needs_bridge = pytest.mark.skipif(not os.path.isdir(BRIDGE), reason="../shared/data/bridge_dataset not present")
+
+
+def bridge_cfg(tmp_path, **kw):
+    kw.setdefault("image_size", 224)
+    return DataConfig(data_dir=SHARED_DATA, mixture="bridge_dataset", stats_cache_dir=str(tmp_path / "stats"),
+                      shuffle_buffer=64, threads=2, **kw)
+
+
+def _np_binarize(g):
+    out, carry = np.empty_like(g), g[-1]
+    for t in range(len(g) - 1, -1, -1):
+        carry = 1.0 if g[t] > 0.95 else 0.0 if g[t] < 0.05 else carry
+        out[t] = carry
+    return out
+
+
+def _np_bridge_actions(split):
+    """Independent numpy standardization of the raw Bridge episodes -> [(instruction, actions[T, 7])]."""
+    builder = tfds.builder_from_directory(BRIDGE)
+    out = []
+    for ep in builder.as_dataset(split=split, decoders={"steps": tfds.decode.SkipDecoding()}).as_numpy_iterator():
+        a, s = ep["steps"]["action"][1:], ep["steps"]["observation"]["state"][1:]
+        g = _np_binarize(a[:, -1])
+        act = np.concatenate([s[1:, :6] - s[:-1, :6], g[:-1, None]], axis=1)
+        out.append((ep["steps"]["language_instruction"][0].decode(), act.astype(np.float32)))
+    return out
+
+
+@needs_bridge
+def test_bridge_frames_schema_and_normalized_range(tmp_path):
+    frames, stats = make_frames(bridge_cfg(tmp_path), "train", train=False)
+    frame = next(frames.as_numpy_iterator())
+    assert frame["pixel_values"].shape == (224, 224, 6) and frame["pixel_values"].dtype == np.float32
+    assert frame["image"].shape == (1, 224, 224, 3) and frame["image"].dtype == np.uint8
+    assert frame["action"].shape == (1, 7) and frame["action"].dtype == np.float32
+    assert frame["dataset_name"] == b"bridge_dataset" and frame["task"]["language_instruction"]
+    actions = np.concatenate([f["action"] for f in frames.as_numpy_iterator()])
+    assert np.abs(actions[:, :6]).max() <= 1.0 and np.abs(actions[:, :6]).max() > 0.9
+    assert set(np.unique(actions[:, 6])) <= {0.0, 1.0}  # the gripper is binarized, not normalized
+
+
+@needs_bridge
+def test_bridge_statistics_match_numpy_and_are_cached(tmp_path):
+    cfg = bridge_cfg(tmp_path)
+    _, stats = make_frames(cfg, "train", train=False)
+    want = np.concatenate([a for _, a in _np_bridge_actions("train") + _np_bridge_actions("val")]).astype(np.float64)
+    got = stats["bridge_dataset"]
+    assert got["num_transitions"] == len(want) and got["num_trajectories"] == 50
+    np.testing.assert_allclose(got["action"]["mean"], want.mean(0), atol=1e-6)
+    np.testing.assert_allclose(got["action"]["std"], want.std(0), atol=1e-6)
+    np.testing.assert_allclose(got["action"]["q01"], np.quantile(want, 0.01, axis=0), atol=1e-6)
+    np.testing.assert_allclose(got["action"]["q99"], np.quantile(want, 0.99, axis=0), atol=1e-6)
+    np.testing.assert_allclose(got["action"]["min"], want.min(0), atol=1e-7)
+    assert got["action"]["mask"] == [True] * 6 + [False]
+    cached = os.listdir(tmp_path / "stats")
+    assert len(cached) == 1 and cached[0].startswith("bridge_dataset-")
+
+
+@needs_bridge
+def test_full_unshuffled_pass_yields_every_frame_once(tmp_path):
+    frames, stats = make_frames(bridge_cfg(tmp_path, image_size=32), "train", train=False)
+    st = stats["bridge_dataset"]["action"]
+    got = Counter((f["task"]["language_instruction"].decode(), tuple(np.round(f["action"][0], 5)))
+                  for f in frames.as_numpy_iterator())
+    want = Counter((instr, tuple(np.round(row, 5))) for instr, acts in _np_bridge_actions("train")
+                   for row in np.asarray(A.normalize_bounds_q99(acts, st)))
+    assert sum(got.values()) == sum(want.values()) == 200
+    assert got == want
+
+
+@needs_bridge
+def test_same_seed_same_batches_different_seed_differs(tmp_path):
+    def first_batches(seed):
+        frames, _ = make_frames(bridge_cfg(tmp_path, image_size=64, augment=True), "train", train=True, seed=seed)
+        it = numpy_batches(frames, 8)
+        return [next(it) for _ in range(3)]
+
+    a, b, c = first_batches(0), first_batches(0), first_batches(1)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["pixel_values"], y["pixel_values"])
+        np.testing.assert_array_equal(x["action"], y["action"])
+    assert any(not np.array_equal(x["action"], z["action"]) for x, z in zip(a, c))
+
+
+@needs_bridge
+def test_resume_from_start_index_continues_the_same_stream(tmp_path):
+    cfg = bridge_cfg(tmp_path, image_size=32, augment=True)
+    full, _ = make_frames(cfg, "train", train=True, seed=3)
+    stream = [f for _, f in zip(range(24), full.as_numpy_iterator())]
+    resumed, _ = make_frames(cfg, "train", train=True, seed=3, start_index=16)
+    for want, got in zip(stream[16:], resumed.as_numpy_iterator()):
+        np.testing.assert_array_equal(want["image"], got["image"])  # augmentation included
+        np.testing.assert_array_equal(want["action"], got["action"])
+
+
+@needs_bridge
+def test_processes_read_disjoint_shares(tmp_path):
+    cfg = bridge_cfg(tmp_path, image_size=16)
+    keys = []
+    for index in range(2):
+        frames, _ = make_frames(cfg, "train", train=False, process_index=index, process_count=2)
+        keys.append({(f["task"]["language_instruction"], f["action"].tobytes()) for f in frames.as_numpy_iterator()})
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    assert len(keys[0]) + len(keys[1]) == len({*keys[0], *keys[1]}) > 150
+
+
+def _toy_dataset(data_dir, name, n_episodes, length=10, seed=0, image_key="image", instruction="push the block"):
+    rng = np.random.default_rng(seed)
+    episodes = [W.episode({image_key: rng.integers(0, 255, (length, 24, 24, 3), dtype=np.uint8)},
+                          np.concatenate([rng.normal(size=(length, 6)), rng.integers(0, 2, (length, 1))], 1),
+                          f"{instruction} {i}" if instruction else "") for i in range(n_episodes)]
+    W.write_rlds(str(data_dir), name, {"train": episodes}, [image_key], (24, 24, 3))
+    registry.register(registry.DatasetSpec(name=name, cameras={"primary": "image", "secondary": None, "wrist": None},
+                                           state_encoding=registry.StateEncoding.NONE,
+                                           action_encoding=registry.ActionEncoding.EEF_POS, standardize=identity))
+
+
+def test_generated_rlds_dataset_flows_end_to_end_and_labels_round_trip(tmp_path):
+    _toy_dataset(tmp_path, "toy_e2e", 4)
+    cfg = DataConfig(data_dir=str(tmp_path), mixture="toy_e2e", image_size=28, stats_cache_dir=str(tmp_path / "s"),
+                     threads=2)
+    frames, stats = make_frames(cfg, "train", train=False)
+    tokenizer = CharTokenizer()
+    batch = BatchTransform(tokenizer, max_length=128)(next(numpy_batches(frames, 5)))
+    assert batch.pixel_values.shape == (5, 28, 28, 6) and batch.input_ids.shape == (5, 128)
+    assert (batch.input_ids[:, 0] == tokenizer.bos_id).all()
+    n_labels = (batch.labels != -100).sum(1)
+    assert (n_labels == 8).all()  # 7 action tokens + EOS
+    decoded = decode_label_actions(batch, tokenizer.vocab_size)
+    assert np.abs(decoded - batch.actions).max() <= 2.0 / 255 + 1e-6  # within one bin
+    assert stats["toy_e2e"]["num_trajectories"] == 4
+
+
+def test_mixture_proportions_follow_weights_times_size(tmp_path):
+    _toy_dataset(tmp_path, "toy_small", 10, seed=1)
+    _toy_dataset(tmp_path, "toy_large", 20, seed=2)
+    cfg = DataConfig(data_dir=str(tmp_path), mixture=[("toy_small", 3.0), ("toy_large", 1.0)], image_size=8,
+                     stats_cache_dir=str(tmp_path / "s"), shuffle_buffer=50, threads=2)
+    frames, _ = make_frames(cfg, "train", train=True, seed=0)
+    names = Counter(f["dataset_name"] for _, f in zip(range(6000), frames.as_numpy_iterator()))
+    expected = 3 * 100 / (3 * 100 + 1 * 200)  # weight x num_transitions, normalized
+    assert abs(names[b"toy_small"] / 6000 - expected) < 0.02, names
+
+
+def test_augmentation_seeded_uint8_and_off_means_plain_resize():
+    image = tf.constant(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    a1 = F.augment(image, tf.constant([1, 2])).numpy()
+    a2 = F.augment(image, tf.constant([1, 2])).numpy()
+    a3 = F.augment(image, tf.constant([1, 3])).numpy()
+    assert a1.dtype == np.uint8 and a1.shape == (64, 64, 3)
+    np.testing.assert_array_equal(a1, a2)
+    assert not np.array_equal(a1, a3) and not np.array_equal(a1, image.numpy())
+
+
+def test_augment_flag_off_gives_plain_decoded_resized_images(tmp_path):
+    _toy_dataset(tmp_path, "toy_plain", 2)
+    cfg = DataConfig(data_dir=str(tmp_path), mixture="toy_plain", image_size=32, stats_cache_dir=str(tmp_path / "s"),
+                     threads=2, augment=False)
+    frames, _ = make_frames(cfg, "train", train=True, seed=0)
+    raw = tfds.builder_from_directory(str(tmp_path / "toy_plain" / "1.0.0"))
+    encoded = {bytes(e) for ep in raw.as_dataset("train", decoders={"steps": tfds.decode.SkipDecoding()}).as_numpy_iterator()
+               for e in ep["steps"]["observation"]["image"]}
+    plain = [F.resize(F.decode(tf.constant(e)), 32).numpy() for e in encoded]
+    frame = next(frames.as_numpy_iterator())
+    assert any(np.array_equal(frame["image"][0], p) for p in plain)
+
+
+def test_trajectory_transforms():
+    traj = {"observation": {"image_primary": tf.constant([b"a", b"b", b"c", b"d"])},
+            "task": {"language_instruction": tf.constant([b"x"] * 4)},
+            "action": tf.reshape(tf.range(8, dtype=tf.float32), (4, 2))}
+    out = TT.chunk(traj, window=2, future=1)
+    assert out["observation"]["image_primary"].numpy().tolist() == [[b"a", b"a"], [b"a", b"b"], [b"b", b"c"], [b"c", b"d"]]
+    assert out["pad_mask"].numpy().tolist() == [[False, True], [True, True], [True, True], [True, True]]
+    assert out["action"].shape == (4, 3, 2) and out["action_pad_mask"].numpy()[-1].tolist() == [True, True, False]
+    relabeled = TT.uniform_goal_relabel(traj, tf.constant([0, 1]))
+    goals = relabeled["task"]["image_primary"].numpy().tolist()
+    assert all(g >= s for g, s in zip(goals, [b"a", b"b", b"c", b"d"]))  # the goal lies in the future
+    assert TT.subsample(traj, 2, tf.constant([0, 1]))["action"].shape == (2, 2)
+    assert bool(TT.has_language(traj)) and not bool(TT.has_language({"task": {"language_instruction": tf.constant([b""])}}))
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="unknown mixture or dataset 'no_such_mix'"):
+        make_frames(DataConfig(data_dir=str(tmp_path), mixture="no_such_mix"), train=False)
+    with pytest.raises(DataError, match="unknown dataset 'nonexistent_ds'"):
+        make_frames(DataConfig(data_dir=str(tmp_path), mixture=[("nonexistent_ds", 1.0)]), train=False)
+    with pytest.raises(DataError, match="bridge_dataset.*not found"):
+        make_frames(DataConfig(data_dir=str(tmp_path), mixture="bridge_dataset"), train=False)
+    _toy_dataset(tmp_path, "toy_wrong_key", 1, image_key="rgb")
+    with pytest.raises(DataError, match="toy_wrong_key.*no image key 'image'"):
+        make_frames(DataConfig(data_dir=str(tmp_path), mixture="toy_wrong_key", stats_cache_dir=None), train=False)
+    _toy_dataset(tmp_path, "toy_empty", 2, instruction="")  # every episode unlabeled: nothing to train on
+    with pytest.raises(DataError, match="toy_empty.*empty"):
+        make_frames(DataConfig(data_dir=str(tmp_path), mixture="toy_empty", stats_cache_dir=None), train=False)
+    with pytest.raises(DataError, match="standardization transform is not implemented"):
+        make_frames(DataConfig(data_dir=str(tmp_path), mixture="kuka"), train=False)
