@@ -8,7 +8,6 @@ import sys
 # Verbs whose capability has not landed yet, with the issue that brings it.
 _PENDING = {
     "train": "sharded training (issue 4)",
-    "stats": "the RLDS data pipeline (issue 3)",
     "eval": "closed-loop evaluation (issue 5)",
     "serve": "the policy server",
 }
@@ -36,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("convert", help="convert checkpoints between the HF PyTorch and ovla-jax formats")
     convert.add_arguments(p)
     p.set_defaults(run=convert.run)
+    from ovla_jax.data import stats_cli
+
+    p = verbs.add_parser("stats", help="action statistics of a dataset (official norm_stats format, cached)")
+    stats_cli.add_arguments(p)
+    p.set_defaults(run=stats_cli.run)
     p = verbs.add_parser("demo", help="the built-in main job")
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), "workdir", "demo"))
     p.add_argument("--quick", action="store_true", help="the shortest run")

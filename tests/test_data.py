@@ -219,3 +219,48 @@ def test_bad_inputs_name_the_problem(tmp_path):
         make_frames(DataConfig(data_dir=str(tmp_path), mixture="toy_empty", stats_cache_dir=None), train=False)
     with pytest.raises(DataError, match="standardization transform is not implemented"):
         make_frames(DataConfig(data_dir=str(tmp_path), mixture="kuka"), train=False)
+
+
+def test_host_batches_become_sharded_global_arrays(tmp_path):
+    """On 8 simulated devices: a host-local Batch -> global arrays sharded over the batch axis."""
+    import subprocess
+    import sys
+
+    script = r'''
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ovla_jax.data.batch import Batch, to_global_arrays
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+b = Batch(input_ids=np.arange(16 * 5, dtype=np.int32).reshape(16, 5), attention_mask=np.ones((16, 5), bool),
+          labels=np.zeros((16, 5), np.int32), pixel_values=np.zeros((16, 4, 4, 6), np.float32),
+          actions=np.zeros((16, 7), np.float32), dataset_name=np.array(["a", "b"] * 8, object))
+g = to_global_arrays(b, NamedSharding(mesh, P(("data", "fsdp"))), dataset_names=["a", "b"])
+assert g["input_ids"].shape == (16, 5) and len(g["input_ids"].addressable_shards) == 8
+assert g["input_ids"].addressable_shards[0].data.shape == (2, 5)
+np.testing.assert_array_equal(np.asarray(g["input_ids"]), b.input_ids)
+assert np.asarray(g["dataset_id"]).tolist() == [0, 1] * 8
+print("ok")
+'''
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@needs_bridge
+def test_stats_command_writes_official_format(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out_file = tmp_path / "stats.json"
+    cmd = [sys.executable, "-m", "ovla_jax", "stats", "--data-dir", SHARED_DATA, "--dataset", "bridge_dataset",
+           "--out", str(out_file), "--cache-dir", str(tmp_path / "cache")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = json.loads(out_file.read_text())["bridge_dataset"]
+    assert set(stats["action"]) == {"mean", "std", "max", "min", "q01", "q99", "mask"}
+    assert stats["num_transitions"] == 400 and stats["num_trajectories"] == 50
+    bad = subprocess.run(cmd[:6] + ["no_such_dataset"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown dataset 'no_such_dataset'" in bad.stderr

@@ -84,3 +84,16 @@ def decode_label_actions(batch: Batch, vocab_size: int, n_action_bins: int = A.N
         ids = labels[labels != IGNORE][:action_dim]
         out.append(A.decode_action_tokens(ids, vocab_size, n_action_bins))
     return np.stack(out)
+
+
+def to_global_arrays(batch: Batch, sharding, dataset_names: Optional[list] = None) -> dict:
+    """Host-local Batch -> dict of global ``jax.Array`` sharded on the batch axis over all processes
+    (each process passes its own shard; ``jax.make_array_from_process_local_data`` stitches them).
+    ``dataset_name`` becomes ``dataset_id`` (index into ``dataset_names``) since arrays hold no strings."""
+    import jax
+
+    arrays = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name != "dataset_name"}
+    if dataset_names is not None:
+        index = {n: i for i, n in enumerate(dataset_names)}
+        arrays["dataset_id"] = np.array([index[n] for n in batch.dataset_name], np.int32)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in arrays.items()}
