@@ -262,5 +262,5 @@ def test_stats_command_writes_official_format(tmp_path):
     stats = json.loads(out_file.read_text())["bridge_dataset"]
     assert set(stats["action"]) == {"mean", "std", "max", "min", "q01", "q99", "mask"}
     assert stats["num_transitions"] == 400 and stats["num_trajectories"] == 50
-    bad = subprocess.run(cmd[:6] + ["no_such_dataset"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(cmd[:7] + ["no_such_dataset"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown dataset 'no_such_dataset'" in bad.stderr
