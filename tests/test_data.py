@@ -218,7 +218,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="toy_empty.*empty"):
         make_frames(DataConfig(data_dir=str(tmp_path), mixture="toy_empty", stats_cache_dir=None), train=False)
     with pytest.raises(DataError, match="standardization transform is not implemented"):
-        make_frames(DataConfig(data_dir=str(tmp_path), mixture="kuka"), train=False)
+        make_frames(DataConfig(data_dir=str(tmp_path), mixture="droid"), train=False)
 
 
 def test_host_batches_become_sharded_global_arrays(tmp_path):

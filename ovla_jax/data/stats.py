@@ -25,7 +25,7 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "ovla_jax", "sta
 def stats_key(builder, spec: DatasetSpec) -> str:
     info = tf.io.gfile.GFile(os.path.join(builder.data_dir, "dataset_info.json")).read()
     parts = [builder.data_dir, info, spec.name, repr(spec.cameras), repr(spec.action_normalization_mask),
-             inspect.getsource(spec.standardize)]
+             getattr(spec.standardize, "recipe", None) or inspect.getsource(spec.standardize)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

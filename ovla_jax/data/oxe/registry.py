@@ -2,7 +2,8 @@
 
 Entries list only what differs from the defaults (``_spec``). Only EEF_POS / EEF_R6 datasets feed the
 VLA; the others are registered so that mixtures naming them fail or skip with a reason, not a KeyError.
-A ``standardize`` of None means the transform is not written yet: using that dataset is a clear error.
+Standardization transforms come from ``transforms.STANDARDIZE``; a dataset without one (DROID) is a
+clear error when used alone and is skipped, with a warning, in a mixture.
 """
 from __future__ import annotations
 
@@ -48,19 +49,18 @@ class DatasetSpec:
         return self.action_encoding in VLA_ACTION_ENCODINGS
 
 
-def _spec(primary, secondary=None, wrist=None, state=StateEncoding.POS_EULER, action=ActionEncoding.EEF_POS,
-          standardize=None, **kw):
+def _spec(primary, secondary=None, wrist=None, state=StateEncoding.POS_EULER, action=ActionEncoding.EEF_POS, **kw):
     return dict(cameras={"primary": primary, "secondary": secondary, "wrist": wrist}, state_encoding=state,
-                action_encoding=action, standardize=standardize, **kw)
+                action_encoding=action, **kw)
 
 
 S, A = StateEncoding, ActionEncoding
 _TABLE = {
     "fractal20220817_data": _spec("image", state=S.POS_QUAT),
     "kuka": _spec("image", state=S.POS_QUAT),
-    "bridge_oxe": _spec("image", "image_1", standardize=T.bridge_oxe),
-    "bridge_orig": _spec("image_0", "image_1", standardize=T.bridge_orig),
-    "bridge_dataset": _spec("image_0", "image_1", standardize=T.bridge_orig),
+    "bridge_oxe": _spec("image", "image_1"),
+    "bridge_orig": _spec("image_0", "image_1"),
+    "bridge_dataset": _spec("image_0", "image_1"),
     "taco_play": _spec("rgb_static", wrist="rgb_gripper"),
     "jaco_play": _spec("image", wrist="image_wrist"),
     "berkeley_cable_routing": _spec("image", "top_image", "wrist45_image", state=S.JOINT),
@@ -121,7 +121,8 @@ _TABLE = {
     "droid_wipe": _spec("exterior_image_2_left", wrist="wrist_image_left"),
 }
 
-REGISTRY: dict[str, DatasetSpec] = {name: DatasetSpec(name=name, **fields) for name, fields in _TABLE.items()}
+REGISTRY: dict[str, DatasetSpec] = {
+    name: DatasetSpec(name=name, **{**fields, "standardize": T.STANDARDIZE.get(name)}) for name, fields in _TABLE.items()}
 
 
 def register(spec: DatasetSpec) -> DatasetSpec:

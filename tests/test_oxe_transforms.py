@@ -1,0 +1,70 @@
+"""OXE standardization: the gripper conversions, quaternion -> Euler, and recipes on raw-shaped data."""
+import math
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from ovla_jax.data.oxe import mixtures, recipes, registry  # noqa: E402
+from ovla_jax.data.oxe.transforms import STANDARDIZE  # noqa: E402
+
+
+def test_relative_gripper_commands_become_absolute():
+    # +1 = close, -1 = open, 0 = hold; before the first command the gripper is in the opposite state.
+    rel = tf.constant([0.0, 0.0, 1.0, 0.0, -1.0, 0.0])
+    np.testing.assert_array_equal(recipes.relative_to_absolute_gripper(rel).numpy(), [1, 1, 0, 0, 1, 1])
+    np.testing.assert_array_equal(recipes.relative_to_absolute_gripper(tf.constant([0.0, -1.0, 0.0])).numpy(), [0, 1, 1])
+    np.testing.assert_array_equal(recipes.relative_to_absolute_gripper(tf.zeros(3)).numpy(), [1, 1, 1])
+
+
+def test_binarize_takes_the_next_decided_state():
+    g = tf.constant([1.0, 0.5, 0.3, 0.0, 0.6, 1.0])
+    np.testing.assert_array_equal(recipes.binarize_gripper(g).numpy(), [1, 0, 0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("axis,index", [((1, 0, 0), 0), ((0, 1, 0), 1), ((0, 0, 1), 2)])
+def test_quaternion_to_euler_single_axis(axis, index):
+    theta = 0.7
+    q = [a * math.sin(theta / 2) for a in axis] + [math.cos(theta / 2)]
+    euler = recipes.quaternion_to_euler(tf.constant([q])).numpy()[0]
+    want = np.zeros(3)
+    want[index] = theta
+    np.testing.assert_allclose(euler, want, atol=1e-6)
+
+
+def _raw(action, observation=None, length=4):
+    obs = {"state": tf.constant(np.tile([[0.0] * 6 + [1.0]], (length, 1)), tf.float32),
+           "natural_language_instruction": tf.constant([b"pick it up"] * length)}
+    obs.update(observation or {})
+    return {"action": action, "observation": obs, "language_instruction": tf.constant([b"step text"] * length)}
+
+
+def test_rtx_recipe_fractal():
+    wv, rd = np.random.default_rng(0).normal(size=(2, 4, 3)).astype(np.float32)
+    out = STANDARDIZE["fractal20220817_data"](_raw({"world_vector": wv, "rotation_delta": rd,
+                                                    "gripper_closedness_action": tf.constant([[0.0], [1.0], [0.0], [-1.0]])}))
+    np.testing.assert_allclose(out["action"].numpy(), np.concatenate([wv, rd, [[1], [0], [0], [1]]], axis=1))
+    assert out["language_instruction"].numpy()[0] == b"pick it up"
+
+
+def test_flat_recipes_invert_and_clip_the_gripper():
+    raw = np.array([[0.1] * 6 + [1.0], [0.2] * 6 + [-1.0], [0.3] * 6 + [0.5], [0.4] * 6 + [0.0]], np.float32)
+    out = STANDARDIZE["austin_sailor_dataset_converted_externally_to_rlds"](_raw(tf.constant(raw)))["action"].numpy()
+    np.testing.assert_allclose(out[:, :6], raw[:, :6])
+    np.testing.assert_allclose(out[:, 6], [0.0, 1.0, 0.5, 1.0])  # 1 - clip(g, 0, 1)
+    assert out.dtype == np.float32
+
+
+def test_every_vla_dataset_with_a_transform_is_in_the_table():
+    for name, spec in registry.REGISTRY.items():
+        if name.startswith("droid"):
+            assert spec.standardize is None
+        else:
+            assert spec.standardize is not None, name
+    for mixture in mixtures.MIXTURES:
+        for name, weight in mixtures.get_mixture(mixture):
+            assert name in registry.REGISTRY and weight > 0, (mixture, name)
+    plus_minus = dict(mixtures.get_mixture("oxe_magic_soup_plus_minus"))
+    assert len(plus_minus) == 25 and plus_minus["fractal20220817_data"] == 1.0 and "droid" not in plus_minus
+    assert all(registry.REGISTRY[n].loads_for_vla for n in plus_minus)
