@@ -5,6 +5,15 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# PyTorch's triton (pulled in by timm -> torchvision) segfaults when it loads after TensorFlow in the
+# same process (tensorflow-cpu 2.21 / triton 3.8); loading it first is fine. Only the test process has
+# both: the package never imports torch.
+try:
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
