@@ -217,8 +217,8 @@ def test_bad_inputs_name_the_problem(tmp_path):
     _toy_dataset(tmp_path, "toy_empty", 2, instruction="")  # every episode unlabeled: nothing to train on
     with pytest.raises(DataError, match="toy_empty.*empty"):
         make_frames(DataConfig(data_dir=str(tmp_path), mixture="toy_empty", stats_cache_dir=None), train=False)
-    with pytest.raises(DataError, match="standardization transform is not implemented"):
-        make_frames(DataConfig(data_dir=str(tmp_path), mixture="droid"), train=False)
+    with pytest.raises(DataError, match="berkeley_mvp.*does not feed the VLA"):
+        make_frames(DataConfig(data_dir=str(tmp_path), mixture="berkeley_mvp_converted_externally_to_rlds"), train=False)
 
 
 def test_host_batches_become_sharded_global_arrays(tmp_path):
@@ -264,3 +264,19 @@ def test_stats_command_writes_official_format(tmp_path):
     assert stats["num_transitions"] == 400 and stats["num_trajectories"] == 50
     bad = subprocess.run(cmd[:7] + ["no_such_dataset"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown dataset 'no_such_dataset'" in bad.stderr
+
+
+def test_zero_motion_frames_are_dropped_when_the_spec_asks(tmp_path):
+    rng = np.random.default_rng(5)
+    actions = np.concatenate([rng.normal(size=(10, 6)), np.ones((10, 1))], 1)
+    actions[[2, 5, 6], :6] = 0.0  # idle frames
+    W.write_rlds(str(tmp_path), "toy_idle", {"train": [W.episode({"image": rng.integers(0, 255, (10, 24, 24, 3), dtype=np.uint8)},
+                                                                 actions, "wait then move")]}, ["image"], (24, 24, 3))
+    for drop in (False, True):
+        registry.register(registry.DatasetSpec(name="toy_idle", cameras={"primary": "image"},
+                                               state_encoding=registry.StateEncoding.NONE,
+                                               action_encoding=registry.ActionEncoding.EEF_POS, standardize=identity,
+                                               drop_zero_motion=drop))
+        cfg = DataConfig(data_dir=str(tmp_path), mixture="toy_idle", image_size=8, stats_cache_dir=None, threads=1)
+        frames, _ = make_frames(cfg, "train", train=False)
+        assert sum(1 for _ in frames.as_numpy_iterator()) == (7 if drop else 10)

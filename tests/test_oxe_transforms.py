@@ -58,13 +58,19 @@ def test_flat_recipes_invert_and_clip_the_gripper():
 
 def test_every_vla_dataset_with_a_transform_is_in_the_table():
     for name, spec in registry.REGISTRY.items():
-        if name.startswith("droid"):
-            assert spec.standardize is None
-        else:
-            assert spec.standardize is not None, name
+        assert spec.standardize is not None, name
     for mixture in mixtures.MIXTURES:
         for name, weight in mixtures.get_mixture(mixture):
             assert name in registry.REGISTRY and weight > 0, (mixture, name)
     plus_minus = dict(mixtures.get_mixture("oxe_magic_soup_plus_minus"))
     assert len(plus_minus) == 25 and plus_minus["fractal20220817_data"] == 1.0 and "droid" not in plus_minus
     assert all(registry.REGISTRY[n].loads_for_vla for n in plus_minus)
+
+
+def test_droid_recipe_reads_the_action_dict_and_inverts_the_gripper():
+    vel = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
+    raw = _raw(tf.zeros((4, 7)))
+    raw["action_dict"] = {"cartesian_velocity": vel, "gripper_position": tf.constant([[0.0], [1.0], [0.25], [1.0]])}
+    out = STANDARDIZE["droid"](raw)["action"].numpy()
+    np.testing.assert_allclose(out, np.concatenate([vel, [[1.0], [0.0], [0.75], [0.0]]], axis=1))
+    assert registry.REGISTRY["droid"].drop_zero_motion

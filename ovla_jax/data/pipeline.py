@@ -130,6 +130,9 @@ def dataset_frames(cfg: DataConfig, name: str, split: str, *, train: bool, seed:
     if train:
         ds = ds.repeat()
     ds = T.flatten(ds)
+    if spec.drop_zero_motion:
+        zero = _normalize(tf.zeros([7]), stats, cfg.normalization)[:6]
+        ds = ds.filter(lambda f: tf.reduce_any(tf.abs(f["action"][cfg.window - 1, :6] - zero) > 1e-5))
     if train:
         ds = ds.shuffle(cfg.shuffle_buffer, seed=seed)
     return ds, stats

@@ -30,6 +30,17 @@ def cols(start: Optional[int] = None, stop: Optional[int] = None, key: Optional[
     return Part(fn, f"{key or 'action'}[{start}:{stop}]")
 
 
+def field(path: str, start: Optional[int] = None, stop: Optional[int] = None) -> Part:
+    """Columns of another trajectory field, by slash path (DROID keeps its actions in ``action_dict``)."""
+    def fn(_, traj):
+        value = traj
+        for key in path.split("/"):
+            value = value[key]
+        value = tf.convert_to_tensor(value)
+        return (value[:, None] if value.shape.rank == 1 else value)[:, start:stop]
+    return Part(fn, f"{path}[{start}:{stop}]")
+
+
 def zeros(n: int) -> Part:
     return Part(lambda a, t: tf.zeros([_length(t), n]), f"zeros({n})")
 

@@ -2,8 +2,8 @@
 
 Entries list only what differs from the defaults (``_spec``). Only EEF_POS / EEF_R6 datasets feed the
 VLA; the others are registered so that mixtures naming them fail or skip with a reason, not a KeyError.
-Standardization transforms come from ``transforms.STANDARDIZE``; a dataset without one (DROID) is a
-clear error when used alone and is skipped, with a warning, in a mixture.
+Standardization transforms come from ``transforms.STANDARDIZE``; a dataset without one is a clear
+error when used alone and is skipped, with a warning, in a mixture.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ class DatasetSpec:
     language_key: str = "language_instruction"
     # BOUNDS_Q99 normalizes the 6 motion dims; the gripper (last) stays as is.
     action_normalization_mask: tuple = (True,) * 6 + (False,)
+    drop_zero_motion: bool = False  # drop frames whose 6 motion dims are all zero (DROID's idle frames)
 
     @property
     def loads_for_vla(self) -> bool:
@@ -110,7 +111,8 @@ _TABLE = {
     "berkeley_gnm_recon": _spec(None, wrist="image"),
     "berkeley_gnm_cory_hall": _spec(None, wrist="image"),
     "berkeley_gnm_sac_son": _spec(None, wrist="image"),
-    "droid": _spec("exterior_image_1_left", "exterior_image_2_left", "wrist_image_left", state=S.POS_QUAT),
+    "droid": _spec("exterior_image_1_left", "exterior_image_2_left", "wrist_image_left", state=S.POS_QUAT,
+                   drop_zero_motion=True),
     "fmb_dataset": _spec("image_side_1", "image_side_2", "image_wrist_1"),
     "dobbe": _spec("wrist_image"),
     "roboset": _spec("image_left", "image_right", "image_wrist", state=S.JOINT, action=A.JOINT_POS),
@@ -118,7 +120,7 @@ _TABLE = {
     **{f"tdroid_{task}": _spec("static_image") for task in (
         "carrot_in_bowl", "pour_corn_in_pot", "flip_pot_upright", "move_object_onto_plate", "knock_object_over",
         "cover_object_with_towel")},
-    "droid_wipe": _spec("exterior_image_2_left", wrist="wrist_image_left"),
+    "droid_wipe": _spec("exterior_image_2_left", wrist="wrist_image_left", drop_zero_motion=True),
 }
 
 REGISTRY: dict[str, DatasetSpec] = {

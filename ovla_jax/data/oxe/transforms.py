@@ -1,8 +1,7 @@
 """Per-dataset standardization: raw RLDS trajectory -> ``action`` float32[T, 7] = EEF delta xyz (3) +
 delta roll-pitch-yaw (3) + gripper (1 = open, 0 = closed), keeping the observation keys the registry
-names and ``language_instruction``. Bridge needs real code (relabeling); most datasets are a recipe of
-action pieces (``recipes.py``). ``STANDARDIZE`` maps dataset name -> transform; datasets absent from it
-(DROID, whose actions need a frame change) are registered but not loadable yet.
+names and ``language_instruction``. Bridge needs real code (relabeling); the others are a recipe of
+action pieces (``recipes.py``). ``STANDARDIZE`` maps dataset name -> transform.
 """
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from typing import Any, Dict
 
 import tensorflow as tf
 
-from ovla_jax.data.oxe.recipes import (absolute, binarize_gripper, binarized, clipped, cols, euler_from_quat,
+from ovla_jax.data.oxe.recipes import (absolute, binarize_gripper, binarized, clipped, cols, euler_from_quat, field,
                                        inverted, language_table_instruction, ones, recipe, state, zeros)
 
 Trajectory = Dict[str, Any]
@@ -140,6 +139,10 @@ STANDARDIZE = {
     "dobbe": recipe(cols()),
     "roboset": recipe(cols(0, 7), _INV_CLIP_LAST),
     "rh20t": recipe(cols(key="tcp_base"), cols(key="gripper")),
+    # DROID: base-frame EEF velocity + gripper position (1 = closed, so inverted). Upstream also swaps the
+    # two exterior cameras at random; only the primary camera feeds the VLA, so that is not done here.
+    "droid": recipe(field("action_dict/cartesian_velocity", 0, 6), inverted(field("action_dict/gripper_position"))),
+    "droid_wipe": recipe(field("action_dict/cartesian_velocity", 0, 6), inverted(field("action_dict/gripper_position"))),
     **{f"tdroid_{task}": recipe(_MOTION6, binarized(_LAST)) for task in (
         "carrot_in_bowl", "pour_corn_in_pot", "flip_pot_upright", "move_object_onto_plate", "knock_object_over",
         "cover_object_with_towel")},
