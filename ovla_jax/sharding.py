@@ -35,3 +35,65 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
 )
+
+
+def make_mesh(axes: dict | None = None, devices=None):
+    """A (data, fsdp, tensor) mesh; sizes from ``axes`` ({"fsdp": -1} by default; -1 = the rest).
+
+    Axis types are Auto (GSPMD-style): jit + NamedSharding code works, including matmuls over a sharded
+    contracting dimension, which Explicit axes would reject.
+    """
+    import math
+
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    sizes = {name: int((axes or {"fsdp": -1}).get(name, 1)) for name in MESH_AXES}
+    unknown = set(axes or {}) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+    rest = [n for n, s in sizes.items() if s == -1]
+    if len(rest) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {rest}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if rest:
+        if devices.size % known:
+            raise ValueError(f"{devices.size} devices do not divide into mesh {sizes}")
+        sizes[rest[0]] = devices.size // known
+    if math.prod(sizes.values()) != devices.size:
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {devices.size}")
+    return Mesh(devices.reshape(tuple(sizes.values())), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def param_shardings(boxed_params, mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedShardings for a tree of ``nn.Partitioned`` (e.g. from ``jax.eval_shape(model.init)``),
+    through the one rules table. A dimension that does not divide its mesh axis stays replicated."""
+    import flax.linen as nn
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    specs = nn.get_partition_spec(boxed_params)
+    shapes = jax.tree_util.tree_map(lambda x: x.value.shape if isinstance(x, nn.Partitioned) else x.shape,
+                                    boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+
+    def fit(spec, shape):
+        axes = []
+        for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+            names = axis if isinstance(axis, tuple) else (axis,) if axis else ()
+            size = 1
+            for n in names:
+                size *= mesh.shape[n]
+            axes.append(axis if axis and dim % size == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*axes))
+
+    return jax.tree_util.tree_map(fit, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh):
+    """Examples split over every data-parallel axis (data x fsdp)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

@@ -3,6 +3,7 @@ import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # sharding tests
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # PyTorch's triton (pulled in by timm -> torchvision) segfaults when it loads after TensorFlow in the

@@ -126,7 +126,7 @@ class PatchEmbed(nn.Module):
         return nn.Conv(
             self.width, (p, p), strides=(p, p), padding="VALID", name="proj",
             dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (ax.PATCH, ax.PATCH, ax.PATCH, ax.EMBED)),
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, ax.PATCH, ax.EMBED)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (ax.EMBED,)),
         )(images.astype(self.dtype))
 

@@ -1,0 +1,2 @@
+"""Training: optimizer and fine-tuning modes, the loss, the sharded train step (loop and checkpoints
+arrive next)."""

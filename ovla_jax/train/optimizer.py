@@ -1,0 +1,54 @@
+"""AdamW with global-norm clipping, learning-rate schedules, and fine-tuning modes as data.
+
+A mode is a list of regexes over "/"-joined parameter paths: matching params train, the rest are frozen.
+Frozen params get ``optax.set_to_zero`` (no optimizer state at all) under ``optax.multi_transform``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import optax
+from flax import traverse_util
+
+# Fine-tuning modes of the OpenVLA paper. {last} is replaced by the index of the last LLM layer.
+MODES: dict[str, tuple[str, ...]] = {
+    "full": (".*",),
+    "frozen_vision": ("^projector/", "^language_model/"),
+    "last_layer": (r"^language_model/model/layers_{last}/",),
+    "sandwich": ("^vision_backbone/", "^projector/", r"^language_model/model/layers_{last}/"),
+}
+
+
+def trainable_patterns(mode: str, num_llm_layers: int) -> list[str]:
+    if mode not in MODES:
+        raise ValueError(f"unknown fine-tuning mode {mode!r}; choose from {sorted(MODES)}")
+    return [p.replace("{last}", str(num_llm_layers - 1)) for p in MODES[mode]]
+
+
+def trainable_labels(params, patterns: Sequence[str]):
+    """Tree of "train"/"freeze" labels, matching ``params``."""
+    compiled = [re.compile(p) for p in patterns]
+    flat = traverse_util.flatten_dict(params)
+    labels = {k: "train" if any(c.search("/".join(k)) for c in compiled) else "freeze" for k in flat}
+    if "train" not in labels.values():
+        raise ValueError(f"no parameter matches the trainable patterns {list(patterns)}")
+    return traverse_util.unflatten_dict(labels)
+
+
+def schedule(kind: str, lr: float, total_steps: int = 1, warmup_steps: int = 0, end_fraction: float = 0.0):
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
+                                                  end_value=lr * end_fraction)
+    raise ValueError(f"unknown schedule {kind!r} (constant or warmup_cosine)")
+
+
+def make_optimizer(params, *, lr_schedule, weight_decay: float = 0.0, clip_norm: float = 1.0,
+                   trainable: Sequence[str] = (".*",), accumulate_steps: int = 1, b1: float = 0.9, b2: float = 0.999):
+    """AdamW (decoupled weight decay) after global-norm clipping, on the trainable params only."""
+    adamw = optax.chain(optax.clip_by_global_norm(clip_norm),
+                        optax.adamw(lr_schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    tx = optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, trainable_labels(params, trainable))
+    return optax.MultiSteps(tx, accumulate_steps) if accumulate_steps > 1 else tx

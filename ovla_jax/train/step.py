@@ -1,0 +1,141 @@
+"""The train step: loss on the action tokens + EOS, metrics, one jitted sharded update.
+
+Logits are computed only where a label exists (8 positions per example, not ~280): the hidden states
+of the labelled positions are gathered before the lm_head, which dominates small-LLM cost. Loss and
+logits are fp32 whatever the compute dtype.
+
+Axis letters: B batch, L text tokens, P patches, K labelled positions, D width, V vocab, N datasets.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from ovla_jax import actions as A
+from ovla_jax.data.batch import IGNORE
+from ovla_jax.models.openvla import OpenVLA
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def label_positions(labels, num_patches: int, num_labels: int):
+    """labels int[B, L] (text layout) -> (index int[B, K] of the hidden state predicting each label in the
+    multimodal sequence, targets int[B, K], valid bool[B, K]). Hidden i predicts token i + 1."""
+    b = labels.shape[0]
+    mm = jnp.concatenate([labels[:, :1], jnp.full((b, num_patches), IGNORE, labels.dtype), labels[:, 1:]], axis=1)
+    targets_all = mm[:, 1:]
+    valid_all = targets_all != IGNORE
+    index = jnp.argsort(~valid_all, axis=1, stable=True)[:, :num_labels]
+    targets = jnp.take_along_axis(targets_all, index, axis=1)
+    valid = jnp.take_along_axis(valid_all, index, axis=1)
+    return index, jnp.where(valid, targets, 0), valid
+
+
+def loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_labels: int, num_datasets: int):
+    """Mean cross-entropy over the labelled tokens, plus accuracy / L1 on the action tokens, overall and
+    per dataset (arrays [N] of sums and counts, so they average correctly across steps and hosts)."""
+    cfg = model.config
+    hidden = model.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                         method=OpenVLA.hidden_states)
+    index, targets, valid = label_positions(batch["labels"], cfg.num_patches, num_labels)
+    picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    logits = model.apply({"params": params}, picked, method=OpenVLA.logits)  # float32[B, K, V]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    ce = jnp.where(valid, ce, 0.0)
+    loss = ce.sum() / jnp.maximum(valid.sum(), 1)
+
+    vocab = cfg.tokenizer_vocab_size
+    is_action = valid & A.is_action_token(targets, vocab, cfg.n_action_bins, xp=jnp)
+    predicted = jnp.argmax(logits, axis=-1)
+    correct = (predicted == targets) & is_action
+    l1 = jnp.abs(A.decode_action_tokens(predicted, vocab, cfg.n_action_bins, xp=jnp)
+                 - A.decode_action_tokens(targets, vocab, cfg.n_action_bins, xp=jnp))
+    l1 = jnp.where(is_action, l1, 0.0)
+    onehot = jax.nn.one_hot(batch.get("dataset_id", jnp.zeros(targets.shape[0], jnp.int32)), num_datasets)
+    per_example = {"loss": ce.sum(1), "tokens": valid.sum(1), "correct": correct.sum(1),
+                   "action_tokens": is_action.sum(1), "l1": l1.sum(1)}
+    metrics = {f"{k}_sum": v.sum() for k, v in per_example.items()}
+    metrics.update({f"per_dataset/{k}_sum": onehot.T @ v.astype(jnp.float32) for k, v in per_example.items()})
+    metrics["loss"] = loss
+    metrics["accuracy"] = correct.sum() / jnp.maximum(is_action.sum(), 1)
+    metrics["l1"] = l1.sum() / jnp.maximum(is_action.sum(), 1)
+    return loss, metrics
+
+
+def train_step(state: TrainState, batch: dict, *, model: OpenVLA, tx, num_labels: int, num_datasets: int):
+    grad_fn = jax.value_and_grad(partial(loss_and_metrics, model=model, num_labels=num_labels,
+                                         num_datasets=num_datasets), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch=batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds the model, optimizer and mesh; builds sharded state and the jitted step once."""
+
+    model: OpenVLA
+    tx: Any
+    mesh: Any
+    num_labels: int = 8  # 7 action tokens + EOS
+    num_datasets: int = 1
+
+    def state_shardings(self, abstract_state: TrainState, boxed_params):
+        from ovla_jax import sharding
+
+        param_sh = sharding.param_shardings(boxed_params, self.mesh)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        # Optimizer moments (mu, nu, ...) mirror their params' shardings: a state leaf whose dict-key path
+        # ends with a param's path takes that param's sharding; counts and other scalars are replicated.
+        by_path = {path: sh for path, sh in flax.traverse_util.flatten_dict(param_sh).items()}
+
+        def pick(key_path, leaf):
+            keys = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
+            for start in range(len(keys)):
+                sh = by_path.get(keys[start:])
+                if sh is not None and len(sh.spec) <= len(leaf.shape):
+                    return sh
+            return replicated
+
+        opt_sh = jax.tree_util.tree_map_with_path(pick, abstract_state.opt_state)
+        return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+    def init(self, rng, example_batch: dict, params=None) -> TrainState:
+        """A TrainState created directly in its shards (nothing materialized on one device), or from
+        ``params`` (e.g. a converted checkpoint) placed into their shards."""
+        model = self.model
+
+        def boxed_init(rng):
+            return model.init(rng, example_batch["pixel_values"][:1], example_batch["input_ids"][:1])["params"]
+
+        boxed = jax.eval_shape(boxed_init, rng)
+
+        def make_state(rng, params):
+            if params is None:
+                params = flax.linen.meta.unbox(boxed_init(rng))
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+        abstract = jax.eval_shape(make_state, rng, params)
+        shardings = self.state_shardings(abstract, boxed)
+        self.shardings = shardings
+        return jax.jit(make_state, out_shardings=shardings)(rng, params)
+
+    def compile_step(self, batch_sharding):
+        step = partial(train_step, model=self.model, tx=self.tx, num_labels=self.num_labels,
+                       num_datasets=self.num_datasets)
+        self.step = jax.jit(step, in_shardings=(self.shardings, batch_sharding), out_shardings=(self.shardings, None),
+                            donate_argnums=(0,))
+        return self.step

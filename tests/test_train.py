@@ -1,0 +1,104 @@
+"""Sharded training on 8 simulated CPU devices: equivalence with one device, shardings per the rules,
+freezing, and overfitting a few frames."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ovla_jax import sharding
+from ovla_jax.data.batch import BatchTransform
+from ovla_jax.models.openvla import OpenVLA
+from ovla_jax.tokenizer import CharTokenizer
+from ovla_jax.train import optimizer as O
+from ovla_jax.train.step import Trainer, label_positions
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+
+def make_batch(config, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    bt = BatchTransform(CharTokenizer(vocab_size=config.tokenizer_vocab_size), max_length=96)
+    instructions = [f"push the {c} block" for c in ("red", "blue", "green", "pink")] * (n // 4)
+    rows = [bt.example(i, a) for i, a in zip(instructions, rng.uniform(-1, 1, (n, 7)))]
+    size = config.vision[0].image_size
+    return {"input_ids": jnp.asarray(np.stack([r[0] for r in rows])),
+            "attention_mask": jnp.asarray(np.stack([r[1] for r in rows])),
+            "labels": jnp.asarray(np.stack([r[2] for r in rows])),
+            "pixel_values": jnp.asarray(rng.uniform(-1, 1, (n, size, size, 6)).astype(np.float32)),
+            "dataset_id": jnp.zeros(n, jnp.int32)}
+
+
+def trainer(config, mesh_axes, mode="full", lr=1e-3, devices=None):
+    mesh = sharding.make_mesh(mesh_axes, devices)
+    model = OpenVLA(config)
+    batch = make_batch(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["pixel_values"][:1], batch["input_ids"][:1]))
+    params_abstract = jax.tree_util.tree_map(lambda x: x, __import__("flax").linen.meta.unbox(boxed["params"]))
+    tx = O.make_optimizer(params_abstract, lr_schedule=O.schedule("constant", lr), weight_decay=0.01,
+                          trainable=O.trainable_patterns(mode, config.llm.num_layers))
+    t = Trainer(model, tx, mesh)
+    state = t.init(jax.random.PRNGKey(0), batch)
+    step = t.compile_step(sharding.batch_sharding(mesh))
+    return t, state, step, batch
+
+
+def test_label_positions_pick_the_tokens_after_each_prediction():
+    labels = jnp.array([[-100, -100, 5, 6, -100], [-100, 7, 8, -100, -100]])
+    index, targets, valid = label_positions(labels, num_patches=3, num_labels=2)
+    # multimodal: [l0, p, p, p, l1, l2, ...]; hidden i predicts mm[i + 1]
+    assert index.tolist() == [[4, 5], [3, 4]] and targets.tolist() == [[5, 6], [7, 8]] and valid.all()
+
+
+def test_sharded_step_equals_single_device_step_and_shards_per_rules():
+    config = tiny_config()
+    t8, s8, step8, batch = trainer(config, {"data": 2, "fsdp": 2, "tensor": 2})
+    t1, s1, step1, _ = trainer(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    kernel = s8.params["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding.spec == P("fsdp", "tensor") and len({d.id for d in kernel.sharding.device_set}) == 8
+    assert kernel.addressable_shards[0].data.shape == (32, 64)  # [64, 128] split 2 x 2
+    emb = s8.params["language_model"]["model"]["embed_tokens"]["embedding"]
+    assert emb.sharding.spec == P("tensor", "fsdp")
+    mu = s8.opt_state.inner_states["train"].inner_state[1][0].mu
+    assert mu["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    s8, m8 = step8(s8, batch)
+    s1, m1 = step1(s1, batch)
+    assert abs(float(m8["loss"]) - float(m1["loss"])) < 1e-5
+    for (path, a), (_, b) in zip(traverse_util.flatten_dict(jax.device_get(s8.params)).items(),
+                                 traverse_util.flatten_dict(jax.device_get(s1.params)).items()):
+        assert np.abs(a - b).max() <= 1e-5, path
+
+
+@pytest.mark.parametrize("mode", ["frozen_vision", "last_layer", "sandwich"])
+def test_frozen_params_unchanged_and_without_optimizer_state(mode):
+    config = tiny_config()
+    t, state, step, batch = trainer(config, {"fsdp": -1}, mode=mode)
+    before = traverse_util.flatten_dict(jax.device_get(state.params))
+    for _ in range(2):
+        state, _ = step(state, batch)
+    after = traverse_util.flatten_dict(jax.device_get(state.params))
+    patterns = O.trainable_patterns(mode, config.llm.num_layers)
+    labels = traverse_util.flatten_dict(O.trainable_labels(traverse_util.unflatten_dict(before), patterns))
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    frozen = {k for k, v in labels.items() if v == "freeze"}
+    assert frozen and not (changed & frozen)
+    # Every trainable kernel moves (by its gradient or, for the towers' unused last block, weight decay);
+    # zero-initialized biases without a gradient may rightly stay zero.
+    trainable_kernels = {k for k, v in labels.items() if v == "train" and k[-1] == "kernel"}
+    assert trainable_kernels and trainable_kernels <= changed
+    mu = state.opt_state.inner_states["train"].inner_state[1][0].mu
+    mu_leaves = {k for k, v in traverse_util.flatten_dict(mu).items() if hasattr(v, "shape")}
+    assert mu_leaves == set(labels) - frozen
+
+
+def test_tiny_model_overfits_eight_frames():
+    config = tiny_config()
+    _, state, step, batch = trainer(config, {"fsdp": -1}, lr=3e-3)
+    for i in range(300):
+        state, metrics = step(state, batch)
+        if float(metrics["accuracy"]) == 1.0:
+            break
+    assert float(metrics["accuracy"]) == 1.0, (i, float(metrics["loss"]))
+    assert float(metrics["l1"]) == 0.0
