@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from flax.linen import meta
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ovla_jax import sharding
@@ -36,7 +37,7 @@ def trainer(config, mesh_axes, mode="full", lr=1e-3, devices=None):
     model = OpenVLA(config)
     batch = make_batch(config)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["pixel_values"][:1], batch["input_ids"][:1]))
-    params_abstract = jax.tree_util.tree_map(lambda x: x, __import__("flax").linen.meta.unbox(boxed["params"]))
+    params_abstract = meta.unbox(boxed["params"])
     tx = O.make_optimizer(params_abstract, lr_schedule=O.schedule("constant", lr), weight_decay=0.01,
                           trainable=O.trainable_patterns(mode, config.llm.num_layers))
     t = Trainer(model, tx, mesh)
