@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ovla_jax.checkpoints import hf  # noqa: E402
 from ovla_jax.checkpoints.tensor_dir import TensorDir, write_tensor_dir  # noqa: E402
 from ovla_jax.checkpoints.hf_config import config_to_hf  # noqa: E402
-from ovla_jax.models.config import TINY_LLAMA, openvla_config  # noqa: E402
+from ovla_jax.models.config import openvla_config, tiny_openvla_config  # noqa: E402
 
 GIB = 1024**3
 
@@ -37,8 +36,7 @@ def write_synthetic(path: str, model: str) -> int:
         config = openvla_config("dinosiglip-vit-so-224px", hf=json.dumps({"vision_backbone_id": "dinosiglip-vit-so-224px",
                                                                          "llm_backbone_id": "llama2-7b-pure"}))
     else:
-        config = openvla_config("dinosiglip-vit-tiny", llm=TINY_LLAMA, pad_token_id=320,
-                                hf=json.dumps({"vision_backbone_id": "dinosiglip-vit-tiny", "llm_backbone_id": "llama2-tiny"}))
+        config = tiny_openvla_config()
     entries = hf.name_map(config)
     rng = np.random.default_rng(0)
     bf16 = np.dtype(ml_dtypes.bfloat16)

@@ -3,7 +3,6 @@ export it to the HF PyTorch layout, convert it back through the ovla-jax format,
 reloaded model decodes the same 7 action tokens. Exercises model, KV-cache decoding and converter."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -14,15 +13,14 @@ from flax.linen import meta
 
 from ovla_jax import actions
 from ovla_jax.checkpoints import hf, jax_format
-from ovla_jax.models.config import TINY_LLAMA, openvla_config
+from ovla_jax.models.config import tiny_openvla_config
 from ovla_jax.models.openvla import OpenVLA, greedy_decode
 
 
 def run(workdir: str) -> int:
     start = time.time()
     os.makedirs(workdir, exist_ok=True)
-    config = openvla_config("dinosiglip-vit-tiny", llm=TINY_LLAMA, pad_token_id=TINY_LLAMA.vocab_size - 64,
-                            hf=json.dumps({"vision_backbone_id": "dinosiglip-vit-tiny", "llm_backbone_id": "llama2-tiny"}))
+    config = tiny_openvla_config()
     model = OpenVLA(config)
     size = config.vision[0].image_size
     pixels = jax.random.uniform(jax.random.PRNGKey(1), (2, size, size, 6), minval=-1, maxval=1)

@@ -1,5 +1,4 @@
 """Test setup: CPU only, fp32 matmuls exact, tiny configs built here (no network, no downloads)."""
-import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -20,16 +19,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from ovla_jax.models.config import TINY_LLAMA, openvla_config  # noqa: E402
-
-TINY_HF_FIELDS = {"vision_backbone_id": "dinosiglip-vit-tiny", "llm_backbone_id": "llama2-tiny"}
-
-
-def tiny_config(vision_backbone_id: str = "dinosiglip-vit-tiny", **fields):
-    fields.setdefault("llm", TINY_LLAMA)
-    fields.setdefault("pad_token_id", TINY_LLAMA.vocab_size - 64)
-    hf = dict(TINY_HF_FIELDS, vision_backbone_id=vision_backbone_id)
-    return openvla_config(vision_backbone_id, hf=json.dumps(hf), **fields)
+from ovla_jax.models.config import tiny_openvla_config as tiny_config  # noqa: E402,F401
 
 
 def pytest_configure(config):

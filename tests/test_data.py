@@ -280,3 +280,28 @@ def test_zero_motion_frames_are_dropped_when_the_spec_asks(tmp_path):
         cfg = DataConfig(data_dir=str(tmp_path), mixture="toy_idle", image_size=8, stats_cache_dir=None, threads=1)
         frames, _ = make_frames(cfg, "train", train=False)
         assert sum(1 for _ in frames.as_numpy_iterator()) == (7 if drop else 10)
+
+
+def test_instruction_may_appear_only_after_standardization(tmp_path):
+    """RT-X-style datasets keep the instruction elsewhere (e.g. the observation); the pipeline must
+    accept any dataset whose standardization yields it, and name the dataset when none does."""
+    _toy_dataset(tmp_path, "toy_lang", 2)
+
+    def moves_instruction(traj):
+        traj = dict(traj)
+        traj["instruction"] = traj.pop("language_instruction")
+        return traj
+
+    for standardize, ok in ((moves_instruction, True), (lambda traj: {k: v for k, v in traj.items()
+                                                                      if k != "language_instruction"}, False)):
+        registry.register(registry.DatasetSpec(name="toy_lang", cameras={"primary": "image"},
+                                               state_encoding=registry.StateEncoding.NONE,
+                                               action_encoding=registry.ActionEncoding.EEF_POS,
+                                               standardize=standardize, language_key="instruction"))
+        cfg = DataConfig(data_dir=str(tmp_path), mixture="toy_lang", image_size=8, stats_cache_dir=None, threads=1)
+        if ok:
+            frames, _ = make_frames(cfg, "train", train=False)
+            assert next(frames.as_numpy_iterator())["task"]["language_instruction"].startswith(b"push the block")
+        else:
+            with pytest.raises(DataError, match="toy_lang.*no 'instruction' after standardization"):
+                make_frames(cfg, "train", train=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from flax.linen import meta
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from ovla_jax import sharding
 from ovla_jax.data.batch import BatchTransform

@@ -76,8 +76,6 @@ def _check_features(builder, spec: registry.DatasetSpec, camera_keys: list[str])
         if key not in observation:
             raise DataError(f"dataset {spec.name!r}: observation has no image key {key!r} "
                             f"(it has {sorted(observation.keys())})")
-    if spec.language_key not in steps and spec.name not in ("bridge_oxe",):
-        raise DataError(f"dataset {spec.name!r}: steps have no {spec.language_key!r} field")
 
 
 def _normalize(action, stats: dict, kind: str):
@@ -104,8 +102,12 @@ def dataset_frames(cfg: DataConfig, name: str, split: str, *, train: bool, seed:
     ds = T.from_rlds(builder, split, shuffle=train, seed=seed, num_parallel_reads=threads,
                      process_index=process_index, process_count=process_count)
 
+    @tf.autograph.experimental.do_not_convert  # plain Python: errors propagate unwrapped at build time
     def restructure(traj):
         traj = spec.standardize(traj)
+        if spec.language_key not in traj:
+            raise DataError(f"dataset {name!r}: no {spec.language_key!r} after standardization "
+                            f"(fields: {sorted(traj)})")
         length = tf.shape(traj["action"])[0]
         return {
             "observation": {"image_primary": traj["observation"][primary]},

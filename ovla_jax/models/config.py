@@ -191,3 +191,11 @@ def from_config_dict(cfg: Any) -> OpenVLAConfig:
         n_action_bins=get("n_action_bins", 256),
         hf=json.dumps({"vision_backbone_id": get("vision_backbone_id"), "llm_backbone_id": get("llm_backbone_id")}),
     )
+
+
+def tiny_openvla_config(vision_backbone_id: str = "dinosiglip-vit-tiny", **fields: Any) -> OpenVLAConfig:
+    """The tiny OpenVLA of tests, the self-check and benches: tiny towers, TINY_LLAMA, tokenizer vocab 320."""
+    fields.setdefault("llm", TINY_LLAMA)
+    fields.setdefault("pad_token_id", fields["llm"].vocab_size - 64)
+    hf = json.dumps({"vision_backbone_id": vision_backbone_id, "llm_backbone_id": "llama2-tiny"})
+    return openvla_config(vision_backbone_id, hf=hf, **fields)

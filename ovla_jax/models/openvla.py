@@ -11,7 +11,7 @@ Axis letters: B batch, T text tokens, P patches, D LLM width, V vocab.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax

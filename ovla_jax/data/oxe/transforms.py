@@ -44,7 +44,7 @@ def bridge_orig(traj: Trajectory) -> Trajectory:
 def bridge_oxe(traj: Trajectory) -> Trajectory:
     """Bridge V2 as stored in the OXE bucket: action is a dict (world_vector, rotation_delta, open_gripper)
     and the instruction sits in the observation."""
-    traj = {k: (v if k == "traj_metadata" else tf.nest.map_structure(lambda x: x[1:], v)) for k, v in traj.items()}
+    traj = _drop_first_step(traj)
     action = traj["action"]
     traj["action"] = tf.concat([action["world_vector"], action["rotation_delta"],
                                 tf.cast(action["open_gripper"][:, None], tf.float32)], axis=-1)
