@@ -103,3 +103,59 @@ def test_tiny_model_overfits_eight_frames():
             break
     assert float(metrics["accuracy"]) == 1.0, (i, float(metrics["loss"]))
     assert float(metrics["l1"]) == 0.0
+
+
+def test_lora_trains_only_adapters_and_merges_to_the_same_logits():
+    from ovla_jax.models.lora import LoRA, merge_lora
+
+    config = tiny_config()
+    lora = LoRA(rank=4, alpha=8.0, dropout=0.1)
+    mesh = sharding.make_mesh({"fsdp": -1})
+    model = OpenVLA(config, lora=lora)
+    batch = make_batch(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["pixel_values"][:1], batch["input_ids"][:1]))
+    tx = O.make_optimizer(meta.unbox(boxed["params"]), lr_schedule=O.schedule("constant", 1e-2),
+                          trainable=O.trainable_patterns("lora", config.llm.num_layers))
+    t = Trainer(model, tx, mesh)
+    state = t.init(jax.random.PRNGKey(0), batch)
+    step = t.compile_step(sharding.batch_sharding(mesh))
+    before = traverse_util.flatten_dict(jax.device_get(state.params))
+    adapters = {k for k in before if k[-1] in ("lora_a", "lora_b")}
+    # every linear layer but the LM head is adapted (patch-embed conv and LM head are not linear layers here)
+    kernels = {k[:-1] for k in before if k[-1] == "kernel" and "patch_embed" not in k and "lm_head" not in k}
+    assert {k[:-1] for k in adapters} == kernels
+    for _ in range(3):
+        state, _ = step(state, batch)
+    after = traverse_util.flatten_dict(jax.device_get(state.params))
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and changed <= adapters and any(k[-1] == "lora_b" for k in changed)
+    mu = state.opt_state.inner_states["train"].inner_state[1][0].mu
+    assert {k for k, v in traverse_util.flatten_dict(mu).items() if hasattr(v, "shape")} == adapters
+
+    params = jax.device_get(state.params)
+    inputs = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    adapted = jax.jit(model.apply)({"params": params}, *inputs)
+    merged = merge_lora(params, lora)
+    assert not any(k[-1] in ("lora_a", "lora_b") for k in traverse_util.flatten_dict(merged))
+    plain_apply = jax.jit(OpenVLA(config).apply)
+    plain = plain_apply({"params": merged}, *inputs)
+    base = plain_apply({"params": merge_lora(params, LoRA(rank=4, alpha=0.0))}, *inputs)
+    assert np.abs(np.asarray(adapted) - np.asarray(plain)).max() <= 1e-5
+    assert np.abs(np.asarray(adapted) - np.asarray(base)).max() > 1e-3  # the adapters do change the model
+
+
+def test_remat_policies_give_the_same_gradients():
+    from ovla_jax.train.step import loss_and_metrics
+
+    config = tiny_config()
+    batch = make_batch(config)
+    params = meta.unbox(OpenVLA(config).init(jax.random.PRNGKey(1), batch["pixel_values"][:1], batch["input_ids"][:1])["params"])
+    grads = {}
+    for policy in ("none", "full", "dots"):
+        fn = lambda p, m=OpenVLA(config, remat=policy): loss_and_metrics(p, m, batch, num_labels=8, num_datasets=1)[0]
+        grads[policy] = jax.jit(jax.grad(fn))(params)
+    for policy in ("full", "dots"):
+        diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads["none"], grads[policy])
+        assert max(jax.tree.leaves(diff)) <= 1e-6, policy
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        OpenVLA(config, remat="some").init(jax.random.PRNGKey(1), batch["pixel_values"][:1], batch["input_ids"][:1])

@@ -4,13 +4,14 @@ Every kernel gets logical axis names so the one rules table in ``ovla_jax.shardi
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ovla_jax import sharding as ax
+from ovla_jax.models.lora import LoRA
 
 Dtype = Any
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
@@ -21,19 +22,50 @@ def exact_gelu(x):
     return nn.gelu(x, approximate=False)
 
 
+class Dense(nn.Module):
+    """``nn.Dense`` (kernel [in, out], bias [out], same names and numerics) with logical axis names on
+    its params and an optional LoRA adapter (``lora_a`` [in, r], ``lora_b`` [r, out]).
+
+    Adapter dropout is active only when the caller provides a ``dropout`` rng (training)."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = DEFAULT_KERNEL_INIT
+    lora: Optional[LoRA] = None
+
+    @nn.compact
+    def __call__(self, x):
+        d_in, (in_axis, out_axis) = x.shape[-1], self.axes
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            (d_in, self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        y = jax.lax.dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        if self.lora is not None:
+            r = self.lora.rank
+            a = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.normal(1.0 / r), (in_axis, None)),
+                           (d_in, r), self.param_dtype)
+            b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, out_axis)),
+                           (r, self.features), self.param_dtype)
+            h = x
+            if self.lora.dropout > 0.0 and self.has_rng("dropout"):
+                h = nn.Dropout(self.lora.dropout, deterministic=False)(h)
+            y = y + (h @ a.astype(self.dtype)) @ b.astype(self.dtype) * jnp.asarray(self.lora.scale, self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype: Dtype = jnp.float32,
           param_dtype: Dtype = jnp.float32, kernel_init: Callable = DEFAULT_KERNEL_INIT,
-          name: str | None = None) -> nn.Dense:
-    """``nn.Dense`` whose kernel [in, out] and bias [out] carry logical axis names."""
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-        name=name,
-    )
+          lora: Optional[LoRA] = None, name: str | None = None) -> Dense:
+    """A :class:`Dense` whose kernel [in, out] and bias [out] carry logical axis names."""
+    return Dense(features, axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                 lora=lora, name=name)
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:

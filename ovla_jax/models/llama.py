@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from ovla_jax import sharding as ax
 from ovla_jax.models.config import LlamaConfig
 from ovla_jax.models.layers import attention, dense
+from ovla_jax.models.lora import LoRA
+from ovla_jax.models.remat import remat_module
 
 Dtype = Any
 
@@ -81,11 +83,12 @@ class LlamaAttention(nn.Module):
     cfg: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
         """x [B, T, D]; mask bool[B, T, S]; cache_kv (k, v) [B, S, K, H] or None (then S == T)."""
-        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False, lora=self.lora)
         b, t, _ = x.shape
         n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         q = dense(n * h, (ax.EMBED, ax.HEADS), name="q_proj", **kw)(x).reshape(b, t, n, h)
@@ -110,10 +113,11 @@ class LlamaMLP(nn.Module):
     cfg: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False, lora=self.lora)
         f = self.cfg.intermediate_size
         gate = dense(f, (ax.EMBED, ax.MLP), name="gate_proj", **kw)(x)
         up = dense(f, (ax.EMBED, ax.MLP), name="up_proj", **kw)(x)
@@ -124,14 +128,16 @@ class LlamaDecoderLayer(nn.Module):
     cfg: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y, new_kv = LlamaAttention(cfg, name="self_attn", **kw)(
+        y, new_kv = LlamaAttention(cfg, name="self_attn", lora=self.lora, **kw)(
             RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x), cos, sin, mask, cache_kv, cache_index)
         x = x + y
-        x = x + LlamaMLP(cfg, name="mlp", **kw)(RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
+        y = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        x = x + LlamaMLP(cfg, name="mlp", lora=self.lora, **kw)(y)
         return x, new_kv
 
 
@@ -141,13 +147,16 @@ class LlamaModel(nn.Module):
     cfg: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
+    remat: str = "none"  # see ovla_jax.models.remat.POLICIES
 
     def setup(self):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (ax.VOCAB, ax.EMBED)))
-        self.layers = [LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)]
+        Layer = remat_module(LlamaDecoderLayer, self.remat)
+        self.layers = [Layer(cfg, lora=self.lora, **kw) for _ in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
     def embed(self, input_ids):
@@ -191,9 +200,12 @@ class LlamaForCausalLM(nn.Module):
     cfg: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
+    remat: str = "none"  # see ovla_jax.models.remat.POLICIES
 
     def setup(self):
-        self.model = LlamaModel(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.model = LlamaModel(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
+                                remat=self.remat)
         self.lm_head = dense(self.cfg.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=False, dtype=self.dtype,
                              param_dtype=self.param_dtype)
 

@@ -11,7 +11,7 @@ Axis letters: B batch, T text tokens, P patches, D LLM width, V vocab.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from ovla_jax.models.config import OpenVLAConfig
 from ovla_jax.models.llama import KVCache, LlamaForCausalLM
+from ovla_jax.models.lora import LoRA
 from ovla_jax.models.projector import Projector
 from ovla_jax.models.vit import ViT
 
@@ -31,6 +32,8 @@ class VisionBackbone(nn.Module):
     towers: tuple
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, pixel_values):
@@ -42,25 +45,32 @@ class VisionBackbone(nn.Module):
         names = ("featurizer", "fused_featurizer")
         features = []
         for i, cfg in enumerate(self.towers):
-            tower = ViT(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name=names[i])
+            tower = ViT(cfg, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, remat=self.remat,
+                        name=names[i])
             features.append(tower(pixel_values[..., 3 * i:3 * i + 3])[0])
         return jnp.concatenate(features, axis=-1) if len(features) > 1 else features[0]
 
 
 class OpenVLA(nn.Module):
-    """``apply({"params": p}, pixel_values, input_ids, attention_mask)`` -> float32[B, T + P, V]."""
+    """``apply({"params": p}, pixel_values, input_ids, attention_mask)`` -> float32[B, T + P, V].
+
+    ``dtype`` is the compute dtype (bf16 for training), ``param_dtype`` the storage dtype; ``lora``
+    adds adapters to every linear layer but the LM head; ``remat`` names a policy in
+    ``ovla_jax.models.remat``. None of these change the checkpoint names of the base params."""
 
     config: OpenVLAConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
+    remat: str = "none"
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if len(cfg.vision) > 2:
             raise ValueError(f"at most two vision towers are supported, got {len(cfg.vision)}")
-        self.vision_backbone = VisionBackbone(tuple(cfg.vision), **kw)
-        self.projector = Projector(cfg.projector, cfg.llm.hidden_size, **kw)
-        self.language_model = LlamaForCausalLM(cfg.llm, **kw)
+        self.vision_backbone = VisionBackbone(tuple(cfg.vision), lora=self.lora, remat=self.remat, **kw)
+        self.projector = Projector(cfg.projector, cfg.llm.hidden_size, lora=self.lora, **kw)
+        self.language_model = LlamaForCausalLM(cfg.llm, lora=self.lora, remat=self.remat, **kw)
 
     def embed_images(self, pixel_values):
         """float[B, H, W, C] -> float[B, P, D] projected patch embeddings."""

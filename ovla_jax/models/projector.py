@@ -5,13 +5,14 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ovla_jax import sharding as ax
 from ovla_jax.models.layers import dense, exact_gelu
+from ovla_jax.models.lora import LoRA
 
 
 class Projector(nn.Module):
@@ -21,6 +22,7 @@ class Projector(nn.Module):
     llm_dim: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: Optional[LoRA] = None
 
     @nn.compact
     def __call__(self, features):
@@ -36,5 +38,6 @@ class Projector(nn.Module):
             if i:
                 x = exact_gelu(x)
             axes = (ax.EMBED, ax.MLP) if i % 2 == 0 else (ax.MLP, ax.EMBED)
-            x = dense(width, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=f"fc{i + 1}")(x)
+            x = dense(width, axes, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
+                      name=f"fc{i + 1}")(x)
         return x

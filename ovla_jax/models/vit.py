@@ -7,13 +7,15 @@ Shapes: B batch, P patches, D width, N = prefix (cls + registers) + P tokens.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ovla_jax import sharding as ax
 from ovla_jax.models.config import ViTConfig
+from ovla_jax.models.lora import LoRA
+from ovla_jax.models.remat import remat_module
 from ovla_jax.models.layers import attention, dense, exact_gelu, layer_norm
 
 Dtype = Any
@@ -41,10 +43,11 @@ class MlpBlock(nn.Module):
     out: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         x = dense(self.hidden, (ax.EMBED, ax.MLP), name="fc1", **kw)(x)
         x = exact_gelu(x)
         return dense(self.out, (ax.MLP, ax.EMBED), name="fc2", **kw)(x)
@@ -56,11 +59,12 @@ class SelfAttention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
 
     @nn.compact
     def __call__(self, x):
         b, n, d = x.shape
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         qkv = dense(3 * d, (ax.EMBED, ax.QKV), name="qkv", **kw)(x)
         qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
         out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
@@ -73,17 +77,18 @@ class ViTBlock(nn.Module):
     cfg: ViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
 
     @nn.compact
     def __call__(self, x):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = layer_norm(cfg.norm_eps, name="norm1", **kw)(x)
-        y = SelfAttention(cfg.num_heads, name="attn", **kw)(y)
+        y = SelfAttention(cfg.num_heads, name="attn", lora=self.lora, **kw)(y)
         if cfg.layerscale:
             y = LayerScale(cfg.width, cfg.layerscale_init, name="ls1", **kw)(y)
         x = x + y
         y = layer_norm(cfg.norm_eps, name="norm2", **kw)(x)
-        y = MlpBlock(cfg.mlp_dim, cfg.width, name="mlp", **kw)(y)
+        y = MlpBlock(cfg.mlp_dim, cfg.width, name="mlp", lora=self.lora, **kw)(y)
         if cfg.layerscale:
             y = LayerScale(cfg.width, cfg.layerscale_init, name="ls2", **kw)(y)
         return x + y
@@ -96,19 +101,21 @@ class AttentionPoolHead(nn.Module):
     cfg: ViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
 
     @nn.compact
     def __call__(self, x):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, n, d = x.shape
         h = cfg.num_heads
+        lw = dict(kw, lora=self.lora)
         latent = self.param("latent", nn.with_logical_partitioning(
             nn.initializers.normal(d ** -0.5), (None, None, ax.EMBED)), (1, 1, d), self.param_dtype)
-        q = dense(d, (ax.EMBED, ax.HEADS), name="q", **kw)(jnp.broadcast_to(latent.astype(self.dtype), (b, 1, d)))
-        kv = dense(2 * d, (ax.EMBED, ax.QKV), name="kv", **kw)(x).reshape(b, n, 2, h, d // h)
+        q = dense(d, (ax.EMBED, ax.HEADS), name="q", **lw)(jnp.broadcast_to(latent.astype(self.dtype), (b, 1, d)))
+        kv = dense(2 * d, (ax.EMBED, ax.QKV), name="kv", **lw)(x).reshape(b, n, 2, h, d // h)
         out = attention(q.reshape(b, 1, h, d // h), kv[:, :, 0], kv[:, :, 1]).reshape(b, 1, d)
-        out = dense(d, (ax.HEADS, ax.EMBED), name="proj", **kw)(out)
-        out = out + MlpBlock(cfg.mlp_dim, d, name="mlp", **kw)(layer_norm(cfg.norm_eps, name="norm", **kw)(out))
+        out = dense(d, (ax.HEADS, ax.EMBED), name="proj", **lw)(out)
+        out = out + MlpBlock(cfg.mlp_dim, d, name="mlp", **lw)(layer_norm(cfg.norm_eps, name="norm", **kw)(out))
         return out[:, 0]
 
 
@@ -143,6 +150,8 @@ class ViT(nn.Module):
     cfg: ViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[LoRA] = None
+    remat: str = "none"  # see ovla_jax.models.remat.POLICIES
 
     @nn.compact
     def __call__(self, images, *, full: bool = False):
@@ -170,18 +179,19 @@ class ViT(nn.Module):
         if prefix:
             x = jnp.concatenate(prefix + [x], axis=1)
 
+        Block = remat_module(ViTBlock, self.remat)
         run_all = full or self.is_initializing()
         last = cfg.depth - 1 if run_all else cfg.feature_block
         intermediates = {}
         for i in range(last + 1):
-            x = ViTBlock(cfg, name=f"blocks_{i}", **kw)(x)
+            x = Block(cfg, name=f"blocks_{i}", lora=self.lora, **kw)(x)
             intermediates[f"block_{i}"] = x
         features = intermediates[f"block_{cfg.feature_block}"][:, cfg.num_prefix_tokens:]
         if run_all:
             encoded = layer_norm(cfg.norm_eps, name="norm", **kw)(x)
             intermediates["encoded"] = encoded
             if cfg.pool == "map":
-                intermediates["pooled"] = AttentionPoolHead(cfg, name="attn_pool", **kw)(encoded)
+                intermediates["pooled"] = AttentionPoolHead(cfg, name="attn_pool", lora=self.lora, **kw)(encoded)
             elif cfg.class_token:
                 intermediates["pooled"] = encoded[:, 0]
         return features, intermediates

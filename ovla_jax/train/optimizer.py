@@ -11,12 +11,15 @@ from typing import Sequence
 import optax
 from flax import traverse_util
 
+from ovla_jax.models.lora import LORA_PATTERN
+
 # Fine-tuning modes of the OpenVLA paper. {last} is replaced by the index of the last LLM layer.
 MODES: dict[str, tuple[str, ...]] = {
     "full": (".*",),
     "frozen_vision": ("^projector/", "^language_model/"),
     "last_layer": (r"^language_model/model/layers_{last}/",),
     "sandwich": ("^vision_backbone/", "^projector/", r"^language_model/model/layers_{last}/"),
+    "lora": (LORA_PATTERN,),  # adapters only; the model must be built with ``lora=LoRA(...)``
 }
 
 
@@ -32,7 +35,8 @@ def trainable_labels(params, patterns: Sequence[str]):
     flat = traverse_util.flatten_dict(params)
     labels = {k: "train" if any(c.search("/".join(k)) for c in compiled) else "freeze" for k in flat}
     if "train" not in labels.values():
-        raise ValueError(f"no parameter matches the trainable patterns {list(patterns)}")
+        hint = " (LoRA mode needs a model built with adapters: set lora.rank > 0)" if LORA_PATTERN in patterns else ""
+        raise ValueError(f"no parameter matches the trainable patterns {list(patterns)}{hint}")
     return traverse_util.unflatten_dict(labels)
 
 

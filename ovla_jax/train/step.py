@@ -24,9 +24,12 @@ from ovla_jax.models.openvla import OpenVLA
 
 @flax.struct.dataclass
 class TrainState:
+    """Everything a resumed run needs on device: ``rng`` (uint32[2]) seeds dropout per step."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+    rng: jax.Array
 
 
 def label_positions(labels, num_patches: int, num_labels: int):
@@ -42,12 +45,14 @@ def label_positions(labels, num_patches: int, num_labels: int):
     return index, jnp.where(valid, targets, 0), valid
 
 
-def loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_labels: int, num_datasets: int):
+def loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_labels: int, num_datasets: int, rng=None):
     """Mean cross-entropy over the labelled tokens, plus accuracy / L1 on the action tokens, overall and
-    per dataset (arrays [N] of sums and counts, so they average correctly across steps and hosts)."""
+    per dataset (arrays [N] of sums and counts, so they average correctly across steps and hosts).
+    ``rng`` (training only) drives dropout."""
     cfg = model.config
+    rngs = {"dropout": rng} if rng is not None else None
     hidden = model.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                         method=OpenVLA.hidden_states)
+                         method=OpenVLA.hidden_states, rngs=rngs)
     index, targets, valid = label_positions(batch["labels"], cfg.num_patches, num_labels)
     picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
     logits = model.apply({"params": params}, picked, method=OpenVLA.logits)  # float32[B, K, V]
@@ -76,11 +81,30 @@ def loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_labels: int, nu
 def train_step(state: TrainState, batch: dict, *, model: OpenVLA, tx, num_labels: int, num_datasets: int):
     grad_fn = jax.value_and_grad(partial(loss_and_metrics, model=model, num_labels=num_labels,
                                          num_datasets=num_datasets), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch=batch)
+    (_, metrics), grads = grad_fn(state.params, batch=batch, rng=jax.random.fold_in(state.rng, state.step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict, *, model: OpenVLA, num_labels: int, num_datasets: int):
+    """Validation metrics (no dropout, no update)."""
+    return loss_and_metrics(params, model, batch, num_labels=num_labels, num_datasets=num_datasets)[1]
+
+
+def _overlay(base, loaded):
+    """``base`` with every leaf that ``loaded`` has (same path) replaced: loaded weights + fresh adapters."""
+    flat = flax.traverse_util.flatten_dict(base)
+    new = flax.traverse_util.flatten_dict(loaded)
+    unknown = sorted("/".join(k) for k in set(new) - set(flat))
+    if unknown:
+        raise ValueError(f"loaded params hold {len(unknown)} path(s) the model lacks: {unknown[:5]}")
+    for k, v in new.items():
+        if v.shape != flat[k].shape:
+            raise ValueError(f"loaded param {'/'.join(k)} has shape {v.shape}; the model expects {flat[k].shape}")
+        flat[k] = v.astype(flat[k].dtype)
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 @dataclasses.dataclass
@@ -111,27 +135,34 @@ class Trainer:
             return replicated
 
         opt_sh = jax.tree_util.tree_map_with_path(pick, abstract_state.opt_state)
-        return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+        return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+
+    def _boxed_init(self, rng, example_batch):
+        pixels = jnp.zeros((1,) + tuple(example_batch["pixel_values"].shape[1:]), jnp.float32)
+        ids = jnp.zeros((1,) + tuple(example_batch["input_ids"].shape[1:]), jnp.int32)
+        return self.model.init(rng, pixels, ids)["params"]
+
+    def abstract_state(self, rng, example_batch: dict):
+        """(abstract TrainState, its shardings): shapes only, for restoring a checkpoint into shards."""
+        boxed = jax.eval_shape(self._boxed_init, rng, example_batch)
+        abstract = jax.eval_shape(lambda r: self._make_state(r, example_batch, None), rng)
+        self.shardings = self.state_shardings(abstract, boxed)
+        return abstract, self.shardings
+
+    def _make_state(self, rng, example_batch, params):
+        init_rng, state_rng = jax.random.split(rng)
+        fresh = flax.linen.meta.unbox(self._boxed_init(init_rng, example_batch))
+        # Loaded weights replace their fresh counterparts (XLA drops the unused random init); params
+        # the checkpoint lacks (LoRA adapters) keep their init.
+        params = fresh if params is None else _overlay(fresh, params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                          rng=state_rng)
 
     def init(self, rng, example_batch: dict, params=None) -> TrainState:
-        """A TrainState created directly in its shards (nothing materialized on one device), or from
-        ``params`` (e.g. a converted checkpoint) placed into their shards."""
-        model = self.model
-
-        def boxed_init(rng):
-            return model.init(rng, example_batch["pixel_values"][:1], example_batch["input_ids"][:1])["params"]
-
-        boxed = jax.eval_shape(boxed_init, rng)
-
-        def make_state(rng, params):
-            if params is None:
-                params = flax.linen.meta.unbox(boxed_init(rng))
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
-
-        abstract = jax.eval_shape(make_state, rng, params)
-        shardings = self.state_shardings(abstract, boxed)
-        self.shardings = shardings
-        return jax.jit(make_state, out_shardings=shardings)(rng, params)
+        """A TrainState created directly in its shards (nothing materialized on one device). ``params``
+        (e.g. from ``load_sharded_params``, already in their shards) replace the init where given."""
+        _, shardings = self.abstract_state(rng, example_batch)
+        return jax.jit(lambda r, p: self._make_state(r, example_batch, p), out_shardings=shardings)(rng, params)
 
     def compile_step(self, batch_sharding):
         step = partial(train_step, model=self.model, tx=self.tx, num_labels=self.num_labels,
@@ -139,3 +170,8 @@ class Trainer:
         self.step = jax.jit(step, in_shardings=(self.shardings, batch_sharding), out_shardings=(self.shardings, None),
                             donate_argnums=(0,))
         return self.step
+
+    def compile_eval(self, batch_sharding):
+        fn = partial(eval_step, model=self.model, num_labels=self.num_labels, num_datasets=self.num_datasets)
+        self.eval = jax.jit(fn, in_shardings=(self.shardings.params, batch_sharding))
+        return self.eval
