@@ -20,6 +20,7 @@ setup(
         "tqdm",
         "tensorflow-cpu",
         "tensorflow-datasets",
+        "tensorboard",  # tf.summary event files (tensorflow-cpu does not pull it in)
         "importlib_resources",
     ],
     extras_require={

@@ -7,7 +7,6 @@ import sys
 
 # Verbs whose capability has not landed yet, with the issue that brings it.
 _PENDING = {
-    "train": "sharded training (issue 4)",
     "eval": "closed-loop evaluation (issue 5)",
     "serve": "the policy server",
 }
@@ -17,6 +16,15 @@ def _demo(args: argparse.Namespace) -> int:
     from ovla_jax import selfcheck
 
     return selfcheck.run(args.workdir)
+
+
+def _train(argv) -> int:
+    from ovla_jax.train import cli
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(cli.__doc__ + "\n" + cli.USAGE)
+        return 0
+    return cli.run(argv)
 
 
 def _pending(verb: str):
@@ -40,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("stats", help="action statistics of a dataset (official norm_stats format, cached)")
     stats_cli.add_arguments(p)
     p.set_defaults(run=stats_cli.run)
+    p = verbs.add_parser("train", help="train or fine-tune (configs/train/*.py); resumes from the workdir",
+                         add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(run=lambda args: _train(args.rest))
     p = verbs.add_parser("demo", help="the built-in main job")
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), "workdir", "demo"))
     p.add_argument("--quick", action="store_true", help="the shortest run")
@@ -52,5 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info/warning chatter
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":  # absl flags (--config.x=y) are parsed by the train verb itself
+        return _train(argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)

@@ -9,10 +9,13 @@ from ovla_jax.checkpoints import hf
 from ovla_jax.checkpoints.errors import CheckpointError
 
 FORMATS = ("hf", "jax")
+SOURCE_FORMATS = FORMATS + ("train",)  # train: an orbax train checkpoint (workdir, checkpoints dir or step dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="src_format", choices=FORMATS, required=True, help="format of SRC")
+    parser.add_argument("--from", dest="src_format", choices=SOURCE_FORMATS, required=True,
+                        help="format of SRC (train = an `ovla-jax train` workdir or checkpoint; LoRA is merged)")
+    parser.add_argument("--step", type=int, default=None, help="with --from train: the step (default: latest)")
     parser.add_argument("--to", dest="dst_format", choices=FORMATS, required=True, help="format to write")
     parser.add_argument("src", metavar="SRC", help="source checkpoint directory")
     parser.add_argument("dst", metavar="DST", help="destination directory (written atomically)")
@@ -24,9 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def convert(src: str, dst: str, src_format: str, dst_format: str, dtype: str | None = None,
-            overwrite: bool = False, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> None:
+            overwrite: bool = False, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+            step: int | None = None) -> None:
     """Stream SRC in one format into DST in another (or the same: a re-shard / dtype cast), one tensor
     at a time; DST appears only when complete."""
+    if src_format == "train":
+        from ovla_jax.train.checkpoint import export_checkpoint
+
+        export_checkpoint(src, dst, hf.LAYOUTS[dst_format], step=step, dtype=dtype, overwrite=overwrite,
+                          max_shard_bytes=max_shard_bytes, progress=progress)
+        return
     hf.convert_checkpoint(src, dst, hf.LAYOUTS[src_format], hf.LAYOUTS[dst_format], dtype=dtype, overwrite=overwrite,
                           max_shard_bytes=max_shard_bytes, progress=progress)
 
@@ -35,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     try:
         convert(args.src, args.dst, args.src_format, args.dst_format, args.dtype, args.overwrite,
-                int(args.max_shard_gb * 1024**3), progress=not args.quiet)
+                int(args.max_shard_gb * 1024**3), progress=not args.quiet, step=args.step)
     except CheckpointError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ovla_jax import actions as A
+from ovla_jax.data.errors import DataError
 from ovla_jax.prompts import vla_prompt
 from ovla_jax.tokenizer import Tokenizer
 
@@ -53,7 +54,8 @@ class BatchTransform:
         action_ids = A.encode_actions(action, self.tokenizer.vocab_size, self.n_action_bins).tolist()
         ids = list(prompt) + action_ids + [self.tokenizer.eos_id]
         if len(ids) > self.max_length:
-            raise ValueError(f"prompt for {instruction!r} needs {len(ids)} tokens; max_length is {self.max_length}")
+            raise DataError(f"prompt for {instruction!r} needs {len(ids)} tokens; max_length is {self.max_length} "
+                            f"(raise max_length)")
         n = len(ids)
         input_ids = np.full(self.max_length, self.tokenizer.pad_id, np.int32)
         input_ids[:n] = ids

@@ -1,0 +1,288 @@
+"""The training loop behind ``ovla-jax train``: config -> data, model, sharded state -> steps, with
+metrics, validation, checkpoints, exact resume, preemption and NaN handling.
+
+Resume: a run whose workdir holds checkpoints continues from the latest one (params, optimizer state,
+step, RNG and the data position: the pipeline skips the frames already consumed). A SIGTERM saves a
+checkpoint at the next step boundary and exits cleanly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import meta as flax_meta
+
+from ovla_jax import sharding
+from ovla_jax.checkpoints.hf import read_config
+from ovla_jax.checkpoints.hf_config import config_to_hf
+from ovla_jax.data.batch import BatchTransform, to_global_arrays
+from ovla_jax.data.errors import DataError
+from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches
+from ovla_jax.models.config import OpenVLAConfig, from_config_dict
+from ovla_jax.models.lora import lora_from_config
+from ovla_jax.models.openvla import OpenVLA
+from ovla_jax.train import optimizer as O
+from ovla_jax.train.checkpoint import Checkpointer, read_meta, resolve
+from ovla_jax.train.report import Reporter, summarize
+from ovla_jax.train.step import Trainer
+
+log = logging.getLogger(__name__)
+
+SUM_KEYS = ("loss_sum", "tokens_sum", "correct_sum", "action_tokens_sum", "l1_sum")
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run, with the field that is wrong."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str  # "done" | "preempted" | "nan"
+    step: int
+    history: list
+    message: str = ""
+    state: Any = None  # the final TrainState (device arrays)
+
+
+def tower_names(config: OpenVLAConfig) -> tuple[str, ...]:
+    """Pixel normalizations, one per tower, from the vision backbone id (dinosiglip = DINOv2 then SigLIP)."""
+    vid = config.hf_fields.get("vision_backbone_id", "")
+    if vid.startswith("dinosiglip"):
+        return ("dinov2", "siglip")
+    if vid.startswith("siglip"):
+        return ("siglip",)
+    if vid.startswith("dinov2"):
+        return ("dinov2",)
+    raise ConfigError(f"cannot tell the pixel normalization of vision backbone {vid!r}")
+
+
+def make_tokenizer(spec: str, config: OpenVLAConfig):
+    """``char`` (the built-in tiny tokenizer, vocab = the model's) or a local HF tokenizer directory."""
+    from ovla_jax.tokenizer import CharTokenizer, HFTokenizer
+
+    if spec == "char":
+        return CharTokenizer(vocab_size=config.tokenizer_vocab_size, n_action_bins=config.n_action_bins)
+    if not os.path.isdir(spec):
+        raise ConfigError(f"tokenizer: {spec!r} is neither 'char' nor a tokenizer directory")
+    return HFTokenizer(spec, vocab_size=config.tokenizer_vocab_size)
+
+
+def model_config(config) -> tuple[OpenVLAConfig, dict]:
+    """The model: the init checkpoint's own config.json when one is given, else ``config.model``."""
+    if config.get("init_checkpoint"):
+        return read_config(config.init_checkpoint)
+    return from_config_dict(config.model), {}
+
+
+def data_config(config, model_cfg: OpenVLAConfig) -> DataConfig:
+    fields = dict(config.data)
+    fields["image_size"] = model_cfg.vision[0].image_size
+    fields["towers"] = tower_names(model_cfg)
+    if isinstance(fields.get("mixture"), (list, tuple)):
+        fields["mixture"] = [tuple(x) for x in fields["mixture"]]
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"data: unknown field(s) {unknown}; DataConfig has {sorted(known)}")
+    return DataConfig(**fields)
+
+
+class _StopFlag:
+    """Set by SIGTERM (preemption notice); checked at step boundaries."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, the run still works
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """All processes stop at the same step: any one's flag stops everyone."""
+        if jax.process_count() == 1:
+            return self.set
+        from jax.experimental import multihost_utils
+
+        return bool(np.asarray(multihost_utils.process_allgather(np.array(self.set))).any())
+
+
+def _validation(trainer, params, val_frames, host_batch, bt, batch_sh, names, max_batches):
+    sums, n = None, 0
+    for host in numpy_batches(val_frames, host_batch):
+        metrics = trainer.eval(params, to_global_arrays(bt(host), batch_sh, names))
+        part = {k: metrics[k] for k in SUM_KEYS + tuple("per_dataset/" + k for k in SUM_KEYS)}
+        sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
+        n += 1
+        if n >= max_batches:
+            break
+    return None if sums is None else summarize(jax.device_get(sums), names, "val/")
+
+
+def train(config, workdir: str, *, progress: bool = True,
+          on_step: Optional[Callable[[int], None]] = None) -> RunResult:
+    """Run (or resume) the training ``config`` describes in ``workdir``; see configs/train/*.py.
+    ``on_step(step)`` is called after each step is dispatched (hooks for callers and tests)."""
+    os.makedirs(workdir, exist_ok=True)
+    model_cfg, init_norm_stats = model_config(config)
+    pcount, pindex = jax.process_count(), jax.process_index()
+    if config.batch_size % pcount:
+        raise ConfigError(f"batch_size {config.batch_size} does not split over {pcount} processes")
+    host_batch = config.batch_size // pcount
+    mesh = sharding.make_mesh(dict(config.mesh))
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % replicas:
+        raise ConfigError(f"batch_size {config.batch_size} is not a multiple of data x fsdp = {replicas} "
+                          f"(mesh {dict(mesh.shape)})")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype {config.dtype!r}: use float32 or bfloat16 (params stay float32)")
+    lora = lora_from_config(config.get("lora"))
+    if config.mode == "lora" and lora is None:
+        raise ConfigError("mode 'lora' needs lora.rank > 0")
+    model = OpenVLA(model_cfg, dtype=jnp.dtype(config.dtype), lora=lora, remat=config.remat)
+    tokenizer = make_tokenizer(config.tokenizer, model_cfg)
+    dc = data_config(config, model_cfg)
+    bt = BatchTransform(tokenizer, config.max_length, model_cfg.n_action_bins, window=dc.window)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.save_every, keep=config.keep,
+                        async_save=config.async_checkpoints)
+    latest = ckpt.latest_step()
+    resumed_meta = read_meta(resolve(ckpt.directory, latest)) if latest is not None else None
+    data_index = resumed_meta["data_index"] if resumed_meta else 0
+    frames, stats = make_frames(dc, "train", train=True, seed=config.seed, start_index=data_index,
+                                process_index=pindex, process_count=pcount)
+    names = list(stats)
+    norm_stats = {**init_norm_stats, **stats}
+
+    size = model_cfg.vision[0].image_size
+    example = {"pixel_values": np.zeros((1, size, size, 3 * len(model_cfg.vision)), np.float32),
+               "input_ids": np.zeros((1, config.max_length), np.int32)}
+    abstract_params = flax_meta.unbox(jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), example["pixel_values"], example["input_ids"])["params"]))
+    opt = config.optimizer
+    lr = O.schedule(opt.schedule, opt.lr, total_steps=config.num_steps, warmup_steps=opt.warmup_steps)
+    tx = O.make_optimizer(abstract_params, lr_schedule=lr, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
+                          trainable=O.trainable_patterns(config.mode, model_cfg.llm.num_layers),
+                          accumulate_steps=opt.accumulate_steps)
+    trainer = Trainer(model, tx, mesh, num_datasets=len(names))
+    rng = jax.random.PRNGKey(config.seed)
+    abstract, shardings = trainer.abstract_state(rng, example)
+    if latest is not None:
+        state, _ = ckpt.restore(abstract, shardings, latest)
+        start = latest
+    else:
+        params = None
+        if config.get("init_checkpoint"):
+            from ovla_jax.checkpoints.sharded import load_sharded_params
+
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract.params, shardings.params)
+            params = load_sharded_params(config.init_checkpoint, target, progress=progress and pindex == 0)
+        state = trainer.init(rng, example, params)
+        start = 0
+    batch_sh = sharding.batch_sharding(mesh)
+    step_fn = trainer.compile_step(batch_sh)
+    val_frames = None
+    if config.eval_every:
+        try:
+            val_frames, _ = make_frames(dc, config.eval_split, train=False, seed=config.seed,
+                                        process_index=pindex, process_count=pcount)
+            trainer.compile_eval(batch_sh)
+        except DataError as e:
+            log.warning("validation disabled: %s", e)
+
+    meta_base = {"config": config_to_hf(model_cfg, norm_stats, "float32", False),
+                 "lora": dataclasses.asdict(lora) if lora else None, "dataset_names": names,
+                 "host_batch": host_batch, "process_count": pcount, "train_config": json.loads(config.to_json_best_effort())}
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(meta_base["train_config"], f, indent=2)
+
+    def meta(step):
+        return {**meta_base, "step": step, "data_index": step * host_batch}
+
+    reporter = Reporter(workdir, total_steps=config.num_steps, start_step=start, enabled=pindex == 0,
+                        wandb_project=config.get("wandb_project", ""), wandb_config=meta_base["train_config"],
+                        progress=progress)
+    if start:
+        reporter.message(f"resumed from {ckpt.directory}/{start} (data position {data_index})")
+    batches = numpy_batches(frames, host_batch)
+    pending_losses, sums, last_log = [], None, (start, time.time())
+    result = None
+    with _StopFlag() as stop:
+        step = start
+        try:
+            while step < config.num_steps:
+                batch = to_global_arrays(bt(next(batches)), batch_sh, names)
+                state, metrics = step_fn(state, batch)
+                step += 1
+                pending_losses.append((step, metrics["loss"]))
+                part = {k: metrics[k] for k in SUM_KEYS + tuple("per_dataset/" + k for k in SUM_KEYS)}
+                part["grad_norm_sum"] = metrics["grad_norm"]
+                sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
+                reporter.advance()
+                if on_step is not None:
+                    on_step(step)
+                stopping = stop.agreed()
+                due_save = ckpt.due(step) or step == config.num_steps or stopping
+                if step % config.log_every == 0 or due_save:
+                    bad = [(s, v) for s, v in jax.device_get(pending_losses) if not np.isfinite(v)]
+                    if bad:
+                        ckpt.wait()
+                        kept = ckpt.latest_step()
+                        # The loss of step N is computed on the params after N - 1 updates.
+                        msg = (f"loss is {bad[0][1]} at step {bad[0][0]}: stopping (no checkpoint of this state "
+                               f"is written). Latest checkpoint: {'step ' + str(kept) if kept is not None else 'none'}"
+                               + (f"; it is from before step {bad[0][0] - 1}, whose update led to the non-finite loss."
+                                  if kept is not None and kept < bad[0][0] - 1 else "."))
+                        reporter.message(msg)
+                        result = RunResult("nan", bad[0][0], reporter.history, msg, state)
+                        break
+                    host = jax.device_get(sums)
+                    n = step - last_log[0]
+                    scalars = summarize(host, names, "train/")
+                    scalars["train/grad_norm"] = float(host["grad_norm_sum"]) / n
+                    scalars["train/learning_rate"] = float(lr(step))
+                    scalars["train/steps_per_second"] = n / max(time.time() - last_log[1], 1e-9)
+                    reporter.write(step, scalars)
+                    pending_losses, sums, last_log = [], None, (step, time.time())
+                if val_frames is not None and step % config.eval_every == 0:
+                    val = _validation(trainer, state.params, val_frames, host_batch, bt, batch_sh, names, config.eval_batches)
+                    if val:
+                        reporter.write(step, val)
+                        reporter.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()
+                                                                      if k.count("/") == 1))
+                ckpt.save(step, state, meta(step), force=step == config.num_steps or stopping)
+                if stopping:
+                    ckpt.wait()
+                    msg = f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}; exiting"
+                    reporter.message(msg)
+                    result = RunResult("preempted", step, reporter.history, msg, state)
+                    break
+        except StopIteration:
+            raise DataError(f"the training stream of {dc.mixture!r} ended at step {step}") from None
+        finally:
+            ckpt.wait()
+            ckpt.close()
+            reporter.close()
+    if result is None:
+        result = RunResult("done", step, reporter.history, f"trained to step {step}; checkpoints in {ckpt.directory}",
+                           state)
+    return result
