@@ -3,6 +3,7 @@ naming the step, LoRA runs export merged, converted checkpoints load straight in
 debug config trains from the command line with a falling loss."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,15 +62,20 @@ def test_sigterm_saves_and_resume_is_bitwise_exact(tmp_path):
     first = train(cfg, str(tmp_path / "resumed"), progress=False, on_step=preempt)
     assert first.status == "preempted" and first.step == 13
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["10", "13"]
-    second = train(cfg, str(tmp_path / "resumed"), progress=False)
-    assert second.status == "done" and second.step == 20
-    a, b = flat_params(straight.state), flat_params(second.state)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
+    # Resume from the SIGTERM checkpoint (13) and, in a copy without it, from the periodic one (10).
+    shutil.copytree(tmp_path / "resumed", tmp_path / "from10")
+    shutil.rmtree(tmp_path / "from10" / "checkpoints" / "13")
+    a = flat_params(straight.state)
     mu_a = jax.tree.leaves(jax.device_get(straight.state.opt_state))
-    mu_b = jax.tree.leaves(jax.device_get(second.state.opt_state))
-    assert all(np.array_equal(x, y) for x, y in zip(mu_a, mu_b))
+    for name in ("resumed", "from10"):
+        again = train(cfg, str(tmp_path / name), progress=False)
+        assert again.status == "done" and again.step == 20
+        b = flat_params(again.state)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert np.array_equal(a[k], b[k]), (name, k)
+        mu_b = jax.tree.leaves(jax.device_get(again.state.opt_state))
+        assert all(np.array_equal(x, y) for x, y in zip(mu_a, mu_b)), name
 
 
 @needs_sample
