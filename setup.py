@@ -21,6 +21,7 @@ setup(
         "tensorflow-cpu",
         "tensorflow-datasets",
         "tensorboard",  # tf.summary event files (tensorflow-cpu does not pull it in)
+        "matplotlib",  # the demo's loss curve and rollout filmstrip
         "importlib_resources",
     ],
     extras_require={

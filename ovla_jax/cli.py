@@ -7,15 +7,20 @@ import sys
 
 # Verbs whose capability has not landed yet, with the issue that brings it.
 _PENDING = {
-    "eval": "closed-loop evaluation (issue 5)",
     "serve": "the policy server",
 }
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ovla_jax import selfcheck
+    from ovla_jax import demo
 
-    return selfcheck.run(args.workdir)
+    return demo.run(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ovla_jax.sim import eval_cli
+
+    return eval_cli.run(args)
 
 
 def _train(argv) -> int:
@@ -52,10 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
                          add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(run=lambda args: _train(args.rest))
-    p = verbs.add_parser("demo", help="the built-in main job")
-    p.add_argument("--workdir", default=os.path.join(os.getcwd(), "workdir", "demo"))
-    p.add_argument("--quick", action="store_true", help="the shortest run")
+    from ovla_jax import demo
+    from ovla_jax.sim import eval_cli
+
+    p = verbs.add_parser("demo", help="the built-in main job: demonstrations -> training -> closed-loop success",
+                         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(p)
     p.set_defaults(run=_demo)
+    p = verbs.add_parser("eval", help="closed-loop success of a checkpoint on the built-in tasks",
+                         description=eval_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_cli.add_arguments(p)
+    p.set_defaults(run=_eval)
     for verb, what in _PENDING.items():
         p = verbs.add_parser(verb, help=f"(arrives with {what})")
         p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -13,11 +13,12 @@ from ovla_jax.data.errors import DataError
 
 
 def rlds_features(image_keys: Sequence[str], image_shape: tuple[int, int, int], action_dim: int = 7,
-                  state_dim: int = 0):
+                  state_dim: int = 0, image_encoding: str = "jpeg"):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    observation = {k: tfds.features.Image(shape=image_shape, dtype=np.uint8, encoding_format="jpeg") for k in image_keys}
+    observation = {k: tfds.features.Image(shape=image_shape, dtype=np.uint8, encoding_format=image_encoding)
+                   for k in image_keys}
     if state_dim:
         observation["state"] = tfds.features.Tensor(shape=(state_dim,), dtype=np.float32)
     step = {
@@ -49,7 +50,7 @@ def episode(images: Mapping[str, np.ndarray], actions: np.ndarray, instruction: 
 
 def write_rlds(data_dir: str, name: str, splits: Mapping[str, Iterable[dict]], image_keys: Sequence[str],
                image_shape: tuple[int, int, int], action_dim: int = 7, state_dim: int = 0,
-               version: str = "1.0.0") -> str:
+               version: str = "1.0.0", image_encoding: str = "jpeg") -> str:
     """Write ``splits`` ({"train": [episode, ...], ...}) under ``data_dir/name/version``; returns that dir."""
     import tensorflow_datasets as tfds
 
@@ -57,6 +58,6 @@ def write_rlds(data_dir: str, name: str, splits: Mapping[str, Iterable[dict]], i
     if os.path.exists(target):
         raise DataError(f"dataset {name!r}: {target} already exists")
     tfds.dataset_builders.store_as_tfds_dataset(
-        name=name, version=version, features=rlds_features(image_keys, image_shape, action_dim, state_dim),
+        name=name, version=version, features=rlds_features(image_keys, image_shape, action_dim, state_dim, image_encoding),
         split_datasets={k: list(enumerate(v)) for k, v in splits.items()}, data_dir=data_dir)
     return target

@@ -199,3 +199,13 @@ def tiny_openvla_config(vision_backbone_id: str = "dinosiglip-vit-tiny", **field
     fields.setdefault("pad_token_id", fields["llm"].vocab_size - 64)
     hf = json.dumps({"vision_backbone_id": vision_backbone_id, "llm_backbone_id": "llama2-tiny"})
     return openvla_config(vision_backbone_id, hf=hf, **fields)
+
+
+def pixel_normalizations(config: OpenVLAConfig) -> tuple[str, ...]:
+    """The per-tower pixel normalization names (``ovla_jax.data.frames.TOWER_NORMS``), from the vision
+    backbone id: ``dinosiglip-*`` = DINOv2 then SigLIP, ``siglip-*``, ``dinov2-*``."""
+    vid = config.hf_fields.get("vision_backbone_id", "")
+    for prefix, towers in (("dinosiglip", ("dinov2", "siglip")), ("siglip", ("siglip",)), ("dinov2", ("dinov2",))):
+        if vid.startswith(prefix):
+            return towers
+    raise ValueError(f"cannot tell the pixel normalization of vision backbone {vid!r}")

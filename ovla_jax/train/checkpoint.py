@@ -189,3 +189,13 @@ def export_checkpoint(path: str, dst: str, layout: hf.Layout, *, step: Optional[
     dtypes = {e.path: hf.DTYPES[dtype] if dtype else stored[e.path][1] for e in entries}
     hf.write_checkpoint(dst, layout, config, norm_stats, entries, dtypes, produce, **kwargs)
     return int(meta.get("step", os.path.basename(step_dir)))
+
+
+def load_params(path: str, step: Optional[int] = None):
+    """A train checkpoint's params on the host, LoRA merged -> (config, params, norm_stats, meta)."""
+    step_dir = resolve(path, step)
+    meta = read_meta(step_dir)
+    config, norm_stats = config_from_hf(meta["config"], f"{step_dir}/meta")
+    entries = hf.name_map(config)
+    flat = dict(iter_export_tensors(step_dir, entries, lora_from_config(meta.get("lora")), param_metadata(step_dir)))
+    return config, traverse_util.unflatten_dict(flat), norm_stats, meta

@@ -26,7 +26,7 @@ from ovla_jax.checkpoints.hf_config import config_to_hf
 from ovla_jax.data.batch import BatchTransform, to_global_arrays
 from ovla_jax.data.errors import DataError
 from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches
-from ovla_jax.models.config import OpenVLAConfig, from_config_dict
+from ovla_jax.models.config import OpenVLAConfig, from_config_dict, pixel_normalizations
 from ovla_jax.models.lora import lora_from_config
 from ovla_jax.models.openvla import OpenVLA
 from ovla_jax.train import optimizer as O
@@ -52,26 +52,15 @@ class RunResult:
     state: Any = None  # the final TrainState (device arrays)
 
 
-def tower_names(config: OpenVLAConfig) -> tuple[str, ...]:
-    """Pixel normalizations, one per tower, from the vision backbone id (dinosiglip = DINOv2 then SigLIP)."""
-    vid = config.hf_fields.get("vision_backbone_id", "")
-    if vid.startswith("dinosiglip"):
-        return ("dinov2", "siglip")
-    if vid.startswith("siglip"):
-        return ("siglip",)
-    if vid.startswith("dinov2"):
-        return ("dinov2",)
-    raise ConfigError(f"cannot tell the pixel normalization of vision backbone {vid!r}")
-
-
 def make_tokenizer(spec: str, config: OpenVLAConfig):
-    """``char`` (the built-in tiny tokenizer, vocab = the model's) or a local HF tokenizer directory."""
-    from ovla_jax.tokenizer import CharTokenizer, HFTokenizer
+    """``char`` / ``words`` (the built-in tiny tokenizers, vocab = the model's) or a local HF tokenizer dir."""
+    from ovla_jax.tokenizer import CharTokenizer, HFTokenizer, WordTokenizer
 
-    if spec == "char":
-        return CharTokenizer(vocab_size=config.tokenizer_vocab_size, n_action_bins=config.n_action_bins)
+    if spec in ("char", "words"):
+        cls = CharTokenizer if spec == "char" else WordTokenizer
+        return cls(vocab_size=config.tokenizer_vocab_size, n_action_bins=config.n_action_bins)
     if not os.path.isdir(spec):
-        raise ConfigError(f"tokenizer: {spec!r} is neither 'char' nor a tokenizer directory")
+        raise ConfigError(f"tokenizer: {spec!r} is neither 'char', 'words' nor a tokenizer directory")
     return HFTokenizer(spec, vocab_size=config.tokenizer_vocab_size)
 
 
@@ -85,7 +74,10 @@ def model_config(config) -> tuple[OpenVLAConfig, dict]:
 def data_config(config, model_cfg: OpenVLAConfig) -> DataConfig:
     fields = dict(config.data)
     fields["image_size"] = model_cfg.vision[0].image_size
-    fields["towers"] = tower_names(model_cfg)
+    try:
+        fields["towers"] = pixel_normalizations(model_cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if isinstance(fields.get("mixture"), (list, tuple)):
         fields["mixture"] = [tuple(x) for x in fields["mixture"]]
     known = {f.name for f in dataclasses.fields(DataConfig)}

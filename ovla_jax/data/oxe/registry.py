@@ -57,6 +57,8 @@ def _spec(primary, secondary=None, wrist=None, state=StateEncoding.POS_EULER, ac
 
 S, A = StateEncoding, ActionEncoding
 _TABLE = {
+    # The built-in simulated tabletop of the demo (ovla_jax/sim): one 64px top-down camera, no state.
+    "ovla_tabletop": _spec("image", state=S.NONE),
     "fractal20220817_data": _spec("image", state=S.POS_QUAT),
     "kuka": _spec("image", state=S.POS_QUAT),
     "bridge_oxe": _spec("image", "image_1"),

@@ -79,7 +79,13 @@ def _rtx(*parts):
 _MOTION6, _LAST = cols(0, 6), cols(-1, None)
 _INV_CLIP_LAST = inverted(clipped(_LAST))
 
+def ovla_tabletop(traj: Trajectory) -> Trajectory:
+    """The built-in simulated tabletop (``ovla_jax/sim``) is written already standardized."""
+    return traj
+
+
 STANDARDIZE = {
+    "ovla_tabletop": ovla_tabletop,
     "bridge_oxe": bridge_oxe,
     "bridge_orig": bridge_orig,
     "bridge_dataset": bridge_orig,

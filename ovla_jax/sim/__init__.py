@@ -1,0 +1,1 @@
+"""A small procedural tabletop world for the built-in demo and closed-loop evaluation."""
