@@ -7,6 +7,8 @@ seeds [10**6, 10**6 + m), evaluation uses other seeds (see ``ovla_jax/sim/evalua
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -69,7 +71,8 @@ def build(data_dir: str, num_episodes: int = 800, num_val: int = 40, noise: floa
         splits = {"train": _episodes(num_episodes, 0, world, noise, bar),
                   "val": _episodes(num_val, VAL_SEED_OFFSET, world, 0.0, bar)}
         size = world.image_size
-        write_rlds(tmp, DATASET_NAME, splits, ["image"], (size, size, 3), version=VERSION, image_encoding="png")
+        with contextlib.redirect_stdout(io.StringIO()):  # tfds announces a "download" it does not do
+            write_rlds(tmp, DATASET_NAME, splits, ["image"], (size, size, 3), version=VERSION, image_encoding="png")
         if os.path.exists(os.path.join(data_dir, DATASET_NAME)):
             shutil.rmtree(os.path.join(data_dir, DATASET_NAME))
         os.replace(os.path.join(tmp, DATASET_NAME), os.path.join(data_dir, DATASET_NAME))
