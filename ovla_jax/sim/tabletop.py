@@ -33,7 +33,8 @@ class WorldConfig:
     grasp_radius: float = 0.07  # closing within this of a block's centre (half its side) grasps it
     place_radius: float = 0.09  # releasing within this of the plate's centre places it
     max_steps: int = 60
-    view: float = 0.9  # half-width of the camera's view, centred on the gripper (a wrist-style camera)
+    view: float = 0.6  # half-width of the camera's view, centred on the gripper (a wrist-style camera)
+    spawn: tuple = (0.2, 0.8)  # objects and gripper start in this square, so all start in view
 
 
 def instruction_for(task: str, color: str) -> str:
@@ -58,7 +59,7 @@ class Tabletop:
     # -- state -----------------------------------------------------------------------------------
     def _free_spot(self, taken: list, min_dist: float) -> np.ndarray:
         for _ in range(1000):
-            p = self.rng.uniform(0.12, 0.88, 2)
+            p = self.rng.uniform(*self.config.spawn, 2)
             if all(np.linalg.norm(p - q) >= min_dist for q in taken):
                 return p
         raise RuntimeError("could not place objects without overlap")
@@ -126,11 +127,12 @@ class Tabletop:
             return action
         goal = self.blocks[self.target] if self.held != self.target else self.plate
         delta = goal - self.ee
-        # Moves are multiples of max_move / 3 (7 values per axis): a few clear choices per state make the
-        # demonstrations easy to imitate; the last move lands within 0.01 of the goal.
-        unit = c.max_move / 3
+        # Moves are multiples of max_move / 2 (5 values per axis): a few clear choices per state make the
+        # demonstrations easy to imitate. "At the goal" is within half a unit per axis: well inside the
+        # grasp / place radius and visible in the image (about 1.5 px), not a sub-pixel distinction.
+        unit = c.max_move / 2
         action[:2] = np.clip(np.round(delta / unit) * unit, -c.max_move, c.max_move)
-        at_goal = np.all(np.abs(delta) <= unit / 2 + 1e-9)
+        at_goal = np.all(np.abs(delta) <= unit + 1e-9)
         if self.held != self.target:
             action[6] = 0.0 if at_goal else 1.0  # close once on the block
         else:
