@@ -18,7 +18,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ovla_jax.sim import eval_cli
+    from ovla_jax.eval import cli as eval_cli
 
     return eval_cli.run(args)
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(run=lambda args: _train(args.rest))
     from ovla_jax import demo
-    from ovla_jax.sim import eval_cli
+    from ovla_jax.eval import cli as eval_cli
 
     p = verbs.add_parser("demo", help="the built-in main job: demonstrations -> training -> closed-loop success",
                          description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

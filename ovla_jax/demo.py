@@ -113,15 +113,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo: training stopped: {result.message}", file=sys.stderr)
         return 1
 
-    from ovla_jax.policy import VLAPolicy
-    from ovla_jax.sim import evaluate as E
-    from ovla_jax.train import checkpoint as TC
-    from ovla_jax.train.loop import make_tokenizer
+    from ovla_jax.eval import closed_loop as E
+    from ovla_jax.policy import OpenVLAPolicy
 
     say(f"[3/3] closed-loop evaluation: {s['eval_episodes']} episodes per task and policy")
-    config, params, norm_stats, meta = TC.load_params(run_dir)
-    policy = VLAPolicy(config, params, make_tokenizer(meta["train_config"]["tokenizer"], config), norm_stats[dataset.DATASET_NAME]["action"],
-                       max_length=meta["train_config"]["max_length"])
+    policy = OpenVLAPolicy.from_pretrained(run_dir)  # the final checkpoint, as a user would load it
+    norm_stats = policy.norm_stats
     t = time.time()
     episodes = {
         "openvla": E.rollout(E.vla_policy(policy), s["eval_episodes"], seed=args.seed, record=2, progress=progress),
@@ -139,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
     wall = time.time() - start
     last = [h for h in _history(run_dir) if "train/loss" in h]
     summary = {
+        "success_rate": results["openvla"]["all"]["success_rate"],
+        "random_success_rate": results["random"]["all"]["success_rate"],
+        "expert_success_rate": results["expert"]["all"]["success_rate"],
+        "episodes": results["openvla"]["all"]["episodes"],
+        "wall_seconds": round(wall, 1),
         "success": results,
         "train": {"steps": result.step, "batch_size": s["batch_size"], "seconds": round(train_time, 1),
                   "final_loss": last[-1]["train/loss"] if last else None,
@@ -146,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
         "dataset": {"name": dataset.DATASET_NAME, "dir": dataset.dataset_dir(data_dir),
                     "num_transitions": norm_stats[dataset.DATASET_NAME].get("num_transitions")},
         "eval_seconds": round(eval_time, 1),
-        "wall_seconds": round(wall, 1),
         "files": {"loss_curve": loss_png, "filmstrip": strip_png, "checkpoints": os.path.join(run_dir, "checkpoints")},
     }
     _write_json(os.path.join(workdir, "summary.json"), summary)

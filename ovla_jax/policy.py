@@ -20,14 +20,35 @@ from ovla_jax.models.openvla import OpenVLA, greedy_decode
 from ovla_jax.prompts import vla_prompt
 
 
-class VLAPolicy:
-    def __init__(self, config: OpenVLAConfig, params, tokenizer, action_stats: dict, max_length: int = 160):
+class OpenVLAPolicy:
+    """``OpenVLAPolicy.from_pretrained(path)``, then ``predict_action(images, instructions)``."""
+
+    def __init__(self, config: OpenVLAConfig, params, tokenizer, norm_stats: dict, max_length: int = 160):
         self.config, self.tokenizer, self.max_length = config, tokenizer, max_length
         self.model = OpenVLA(config)
         self.params = jax.device_put(params)
-        self.action_stats = action_stats
+        self.norm_stats = norm_stats
         self.towers = pixel_normalizations(config)
         self.image_size = config.vision[0].image_size
+
+    @classmethod
+    def from_pretrained(cls, path: str, tokenizer=None, step: Optional[int] = None,
+                        max_length: Optional[int] = None) -> "OpenVLAPolicy":
+        """A train workdir / checkpoint, an ovla-jax dir or an HF dir. ``tokenizer``: a Tokenizer, a
+        spec ("char", "words", a tokenizer dir), or None = the training run's, else the checkpoint dir
+        itself when it holds tokenizer files, else "char"."""
+        from ovla_jax.train.loop import make_tokenizer
+
+        config, params, norm_stats, trained_length, trained_tokenizer = load_checkpoint_any(path, step)
+        if tokenizer is None or isinstance(tokenizer, str):
+            spec = tokenizer or trained_tokenizer
+            if spec is None:
+                spec = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else "char"
+            tokenizer = make_tokenizer(spec, config)
+        return cls(config, params, tokenizer, norm_stats, max_length or trained_length or 160)
+
+    def action_stats(self, unnorm_key: Optional[str] = None) -> dict:
+        return pick_stats(self.norm_stats, unnorm_key)
 
     def pixel_values(self, images: np.ndarray) -> np.ndarray:
         """uint8[B, H, W, 3] -> float32[B, S, S, 3 * towers], exactly as the data pipeline makes them."""
@@ -52,16 +73,29 @@ class VLAPolicy:
             mask[i, :len(row)] = True
         return ids, mask
 
-    def normalized(self, images, instructions) -> np.ndarray:
-        """float32[B, 7] normalized actions (what the tokens encode)."""
-        ids, mask = self.prompts(instructions)
-        tokens, _ = greedy_decode(self.model, self.params, jnp.asarray(self.pixel_values(images)),
-                                  jnp.asarray(ids), jnp.asarray(mask), num_tokens=7)
-        return A.decode_action_tokens(np.asarray(tokens), self.config.tokenizer_vocab_size, self.config.n_action_bins)
+    def predict_action_tokens(self, pixel_values, input_ids, attention_mask=None) -> np.ndarray:
+        """Low level: model inputs -> int32[B, 7] greedy action tokens (KV-cached decode)."""
+        if attention_mask is None:
+            attention_mask = np.ones(np.shape(input_ids), bool)
+        tokens, _ = greedy_decode(self.model, self.params, jnp.asarray(pixel_values), jnp.asarray(input_ids),
+                                  jnp.asarray(attention_mask), num_tokens=7)
+        return np.asarray(tokens)
 
-    def __call__(self, images, instructions) -> np.ndarray:
-        """uint8[B, H, W, 3] + B instructions -> float32[B, 7] actions in the dataset's units."""
-        return A.unnormalize_bounds_q99(self.normalized(images, instructions), self.action_stats)
+    def predict_action(self, images, instructions, unnorm_key: Optional[str] = None) -> np.ndarray:
+        """uint8[H, W, 3] + one instruction -> float32[7], or uint8[B, H, W, 3] + B instructions ->
+        float32[B, 7]: actions in the units of dataset ``unnorm_key`` (optional when it knows one)."""
+        single = isinstance(instructions, str)
+        images = np.asarray(images)
+        if single:
+            images, instructions = images[None], [instructions]
+        if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(instructions):
+            raise ValueError(f"images must be uint8[B, H, W, 3] with one instruction each; got {images.shape} "
+                             f"and {len(instructions)} instruction(s)")
+        ids, mask = self.prompts(instructions)
+        tokens = self.predict_action_tokens(self.pixel_values(images), ids, mask)
+        normalized = A.decode_action_tokens(tokens, self.config.tokenizer_vocab_size, self.config.n_action_bins)
+        actions = A.unnormalize_bounds_q99(normalized, self.action_stats(unnorm_key))
+        return actions[0] if single else actions
 
 
 def load_checkpoint_any(path: str, step: Optional[int] = None):
@@ -83,7 +117,7 @@ def load_checkpoint_any(path: str, step: Optional[int] = None):
     return (*load_hf_checkpoint(path, dtype="float32"), None, None)
 
 
-def pick_stats(norm_stats: dict, key: Optional[str], path: str = "checkpoint") -> dict:
+def pick_stats(norm_stats: dict, key: Optional[str], path: str = "the checkpoint") -> dict:
     """The action statistics to unnormalize with: ``key``, or the only dataset the model knows."""
     if key is None:
         if len(norm_stats) != 1:

@@ -1,13 +1,13 @@
 """The built-in tabletop: determinism, the expert, the success checks, the RLDS demo dataset through the
 normal pipeline, the evaluation harness, and a seconds-long `ovla-jax demo --quick`."""
 import json
-import os
 
 import numpy as np
 import pytest
 
-from ovla_jax.sim import dataset, evaluate as E
-from ovla_jax.sim.tabletop import COLORS, TASKS, Tabletop, WorldConfig, expert_episode
+from ovla_jax.eval import closed_loop as E
+from ovla_jax.sim import dataset
+from ovla_jax.sim.tabletop import COLORS, TASKS, Tabletop, expert_episode
 
 
 def test_same_seed_same_world_other_seed_differs():
@@ -111,6 +111,9 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     workdir = tmp_path / "demo"
     assert main(["demo", "--quick", "--workdir", str(workdir), "--noprogress"]) == 0
     summary = json.load(open(workdir / "summary.json"))
+    for key in ("success_rate", "random_success_rate", "expert_success_rate", "episodes", "wall_seconds"):
+        assert key in summary, key
+    assert summary["episodes"] == 6 and summary["expert_success_rate"] >= 0.95
     for policy in ("openvla", "random", "expert"):
         assert summary["success"][policy]["all"]["episodes"] == 2 * 3
     assert summary["success"]["expert"]["all"]["success_rate"] >= 0.95
@@ -128,3 +131,19 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     report = json.load(open(out))
     assert report["results"]["openvla"]["pick"]["episodes"] == 2
     assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--noprogress"]) == 2
+
+    # the same policy from Python, one image or a batch, and from its HF export
+    from ovla_jax.convert import convert
+    from ovla_jax.policy import OpenVLAPolicy
+
+    policy = OpenVLAPolicy.from_pretrained(str(workdir / "run"))
+    envs = [Tabletop(s) for s in (1, 2)]
+    images = np.stack([e.render() for e in envs])
+    batch = policy.predict_action(images, [e.instruction for e in envs])
+    one = policy.predict_action(images[1], envs[1].instruction)
+    assert batch.shape == (2, 7) and one.shape == (7,) and np.allclose(one, batch[1])
+    convert(str(workdir / "run"), str(tmp_path / "hf"), "train", "hf", progress=False)
+    hf_policy = OpenVLAPolicy.from_pretrained(str(tmp_path / "hf"), tokenizer="words", max_length=32)
+    assert np.allclose(hf_policy.predict_action(images, [e.instruction for e in envs]), batch, atol=1e-6)
+    assert main(["eval", "--checkpoint", str(tmp_path / "hf"), "--tokenizer", "words", "--max-length", "32",
+                 "--episodes", "1", "--tasks", "place", "--noprogress"]) == 0

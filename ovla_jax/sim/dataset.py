@@ -3,7 +3,7 @@
 
 Images are stored as PNG (lossless), so training sees exactly the pixels the simulator renders at
 evaluation time. Episodes are seeded by index: train episodes use seeds [0, n), validation episodes
-seeds [10**6, 10**6 + m), evaluation uses other seeds (see ``ovla_jax/sim/evaluate.py``).
+seeds [10**6, 10**6 + m), evaluation uses other seeds (see ``ovla_jax/eval/closed_loop.py``).
 """
 from __future__ import annotations
 

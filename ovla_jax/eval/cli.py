@@ -33,17 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from ovla_jax.checkpoints.errors import CheckpointError
-    from ovla_jax.policy import VLAPolicy, load_checkpoint_any, pick_stats
-    from ovla_jax.sim import evaluate as E
-    from ovla_jax.train.loop import ConfigError, make_tokenizer
+    from ovla_jax.eval import closed_loop as E
+    from ovla_jax.policy import OpenVLAPolicy
+    from ovla_jax.train.loop import ConfigError
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
-        config, params, norm_stats, max_length, tokenizer = load_checkpoint_any(args.checkpoint, args.step)
-        stats = pick_stats(norm_stats, args.stats_key, args.checkpoint)
-        policy = VLAPolicy(config, params, make_tokenizer(args.tokenizer or tokenizer or "char", config), stats,
-                           max_length=args.max_length or max_length or 160)
-        policies = {"openvla": E.vla_policy(policy)}
+        policy = OpenVLAPolicy.from_pretrained(args.checkpoint, args.tokenizer, args.step, args.max_length)
+        policy.action_stats(args.stats_key)  # fail now, not mid-rollout, when the statistics are ambiguous
+        policies = {"openvla": E.vla_policy(policy, args.stats_key)}
         if args.baselines:
             policies.update(random=E.random_policy(args.seed), expert=E.expert_policy)
         episodes = {name: E.rollout(fn, args.episodes, tasks, seed=args.seed, record=args.record if name == "openvla" else 0,

@@ -107,9 +107,9 @@ def expert_policy(images, instructions, envs) -> np.ndarray:
     return np.stack([e.expert_action() for e in envs])
 
 
-def vla_policy(policy) -> Policy:
-    """A :class:`ovla_jax.policy.VLAPolicy` as an evaluation policy (pixels and words only)."""
-    return lambda images, instructions, envs: policy(images, instructions)
+def vla_policy(policy, unnorm_key=None) -> Policy:
+    """A :class:`ovla_jax.policy.OpenVLAPolicy` as an evaluation policy (pixels and words only)."""
+    return lambda images, instructions, envs: policy.predict_action(images, instructions, unnorm_key)
 
 
 def format_table(results: dict) -> str:
