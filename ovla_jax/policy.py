@@ -17,7 +17,7 @@ import numpy as np
 from ovla_jax import actions as A
 from ovla_jax.models.config import OpenVLAConfig, pixel_normalizations
 from ovla_jax.models.openvla import OpenVLA, greedy_decode
-from ovla_jax.prompts import vla_prompt
+from ovla_jax.data.batch import prompt_ids
 
 
 class OpenVLAPolicy:
@@ -64,9 +64,7 @@ class OpenVLAPolicy:
         ids = np.full((len(instructions), self.max_length), self.tokenizer.pad_id, np.int32)
         mask = np.zeros(ids.shape, bool)
         for i, text in enumerate(instructions):
-            row = self.tokenizer.encode(vla_prompt(text))
-            if self.tokenizer.empty_token_id is not None and row[-1] != self.tokenizer.empty_token_id:
-                row.append(self.tokenizer.empty_token_id)
+            row = prompt_ids(self.tokenizer, text)
             if len(row) > self.max_length:
                 raise ValueError(f"prompt for {text!r} needs {len(row)} tokens; max_length is {self.max_length}")
             ids[i, :len(row)] = row

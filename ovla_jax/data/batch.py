@@ -34,6 +34,14 @@ class Batch:
     dataset_name: np.ndarray  # object[B] of str
 
 
+def prompt_ids(tokenizer: Tokenizer, instruction: str) -> list[int]:
+    """BOS + the OpenVLA prompt + the empty token: what training and inference both feed the model."""
+    ids = tokenizer.encode(vla_prompt(instruction))
+    if tokenizer.empty_token_id is not None and ids[-1] != tokenizer.empty_token_id:
+        ids.append(tokenizer.empty_token_id)
+    return ids
+
+
 class BatchTransform:
     """Turns a dict of numpy frame arrays (from the tf.data pipeline) into a :class:`Batch`."""
 
@@ -43,10 +51,7 @@ class BatchTransform:
         self._prompt_ids = functools.lru_cache(maxsize=65536)(self._encode_prompt)
 
     def _encode_prompt(self, instruction: str) -> tuple:
-        ids = self.tokenizer.encode(vla_prompt(instruction))
-        if self.tokenizer.empty_token_id is not None and ids[-1] != self.tokenizer.empty_token_id:
-            ids.append(self.tokenizer.empty_token_id)
-        return tuple(ids)
+        return tuple(prompt_ids(self.tokenizer, instruction))
 
     def example(self, instruction: str, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (input_ids int32[L], attention_mask bool[L], labels int32[L])."""

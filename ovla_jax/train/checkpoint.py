@@ -20,7 +20,7 @@ from flax import traverse_util
 from ovla_jax.checkpoints import hf
 from ovla_jax.checkpoints.errors import CheckpointError
 from ovla_jax.checkpoints.hf_config import config_from_hf
-from ovla_jax.models.lora import LORA_PARAMS, lora_from_config
+from ovla_jax.models.lora import LORA_PARAMS, lora_from_config, merge_lora
 from ovla_jax.train.step import TrainState
 
 ITEMS = ("params", "train", "meta")
@@ -149,13 +149,10 @@ def iter_export_tensors(step_dir: str, entries, lora, stored: dict,
         if lora is not None:
             paths += [g.path[:-1] + (n,) for g in group for n in LORA_PARAMS if g.path[:-1] + (n,) in stored]
         flat = _restore_leaves(step_dir, paths)
+        if lora is not None:
+            flat = traverse_util.flatten_dict(merge_lora(traverse_util.unflatten_dict(flat), lora))
         for g in group:
-            value = flat[g.path]
-            if lora is not None and g.path[-1] == "kernel" and g.path[:-1] + ("lora_a",) in flat:
-                a, b = flat[g.path[:-1] + ("lora_a",)], flat[g.path[:-1] + ("lora_b",)]
-                delta = a.astype(np.float32) @ b.astype(np.float32) * np.float32(lora.scale)
-                value = (value.astype(np.float32) + delta).astype(value.dtype)
-            yield g.path, value
+            yield g.path, flat[g.path]
         group, size = [], 0
 
 
