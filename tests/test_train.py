@@ -3,6 +3,7 @@ freezing, and overfitting a few frames."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 from flax.linen import meta
@@ -15,6 +16,7 @@ from ovla_jax.tokenizer import CharTokenizer
 from ovla_jax.train import optimizer as O
 from ovla_jax.train.step import Trainer, label_positions
 from tests.conftest import tiny_config
+from tests.helpers import max_scaled_diff
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -32,14 +34,15 @@ def make_batch(config, n=8, seed=0):
             "dataset_id": jnp.zeros(n, jnp.int32)}
 
 
-def trainer(config, mesh_axes, mode="full", lr=1e-3, devices=None):
+def trainer(config, mesh_axes, mode="full", lr=1e-3, devices=None, tx=None):
     mesh = sharding.make_mesh(mesh_axes, devices)
     model = OpenVLA(config)
     batch = make_batch(config)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["pixel_values"][:1], batch["input_ids"][:1]))
     params_abstract = meta.unbox(boxed["params"])
-    tx = O.make_optimizer(params_abstract, lr_schedule=O.schedule("constant", lr), weight_decay=0.01,
-                          trainable=O.trainable_patterns(mode, config.llm.num_layers))
+    if tx is None:
+        tx = O.make_optimizer(params_abstract, lr_schedule=O.schedule("constant", lr), weight_decay=0.01,
+                              trainable=O.trainable_patterns(mode, config.llm.num_layers))
     t = Trainer(model, tx, mesh)
     state = t.init(jax.random.PRNGKey(0), batch)
     step = t.compile_step(sharding.batch_sharding(mesh))
@@ -54,22 +57,52 @@ def test_label_positions_pick_the_tokens_after_each_prediction():
 
 
 def test_sharded_step_equals_single_device_step_and_shards_per_rules():
+    """Sharding changes only the order of fp32 reductions, so loss and gradients agree to that noise
+    (~1e-6 of each leaf's scale; checked at 1e-4). Params after an AdamW step are not compared: its first
+    update is about lr * sign(grad), so noise in a near-zero gradient flips a whole lr-sized step."""
+    from ovla_jax.train.step import loss_and_metrics
+
     config = tiny_config()
-    t8, s8, step8, batch = trainer(config, {"data": 2, "fsdp": 2, "tensor": 2})
-    t1, s1, step1, _ = trainer(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    lr = 1e-2
+    t8, s8, step8, batch = trainer(config, {"data": 2, "fsdp": 2, "tensor": 2}, tx=optax.sgd(lr))
+    t1, s1, step1, _ = trainer(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1], tx=optax.sgd(lr))
     kernel = s8.params["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == P("fsdp", "tensor") and len({d.id for d in kernel.sharding.device_set}) == 8
     assert kernel.addressable_shards[0].data.shape == (32, 64)  # [64, 128] split 2 x 2
     emb = s8.params["language_model"]["model"]["embed_tokens"]["embedding"]
     assert emb.sharding.spec == P("tensor", "fsdp")
-    mu = s8.opt_state.inner_states["train"].inner_state[1][0].mu
-    assert mu["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
+
+    grad = jax.jit(jax.grad(lambda p, b: loss_and_metrics(p, t1.model, b, num_labels=8, num_datasets=1)[0]))
+    g8 = grad(s8.params, jax.device_put(batch, sharding.batch_sharding(t8.mesh)))
+    g1 = grad(s1.params, batch)
+    assert g8["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    assert max_scaled_diff(g8, g1) <= 1e-4
+
+    p1 = jax.device_get(s1.params)
     s8, m8 = step8(s8, batch)
     s1, m1 = step1(s1, batch)
-    assert abs(float(m8["loss"]) - float(m1["loss"])) < 1e-5
-    for (path, a), (_, b) in zip(traverse_util.flatten_dict(jax.device_get(s8.params)).items(),
-                                 traverse_util.flatten_dict(jax.device_get(s1.params)).items()):
-        assert np.abs(a - b).max() <= 1e-5, path
+    assert abs(float(m8["loss"]) - float(m1["loss"])) <= 1e-5 * abs(float(m1["loss"]))
+    # SGD: new = old - lr * grad, so the params agree as the gradients do, up to fp32 rounding of the sum
+    # (a few ulps of the param itself, which dominate where lr * grad << param).
+    eps = np.finfo(np.float32).eps
+    for (path, a), b, old in zip(traverse_util.flatten_dict(jax.device_get(s8.params)).items(),
+                                 traverse_util.flatten_dict(jax.device_get(s1.params)).values(),
+                                 traverse_util.flatten_dict(p1).values()):
+        update = np.abs(np.asarray(b, np.float64) - old).max()
+        assert np.abs(a - b).max() <= 1e-4 * update + 4 * eps * np.abs(old).max(), path
+    assert max(np.abs(np.asarray(b, np.float64) - o).max() for b, o in zip(
+        jax.tree.leaves(jax.device_get(s1.params)), jax.tree.leaves(p1))) > 1e-4  # the step did move the params
+
+
+def test_adamw_optimizer_state_is_sharded_like_params():
+    config = tiny_config()
+    _, state, step, batch = trainer(config, {"data": 2, "fsdp": 2, "tensor": 2})
+    mu = state.opt_state.inner_states["train"].inner_state[1][0].mu
+    assert mu["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    state, metrics = step(state, batch)
+    mu = state.opt_state.inner_states["train"].inner_state[1][0].mu
+    assert mu["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    assert np.isfinite(float(metrics["loss"]))
 
 
 @pytest.mark.parametrize("mode", ["frozen_vision", "last_layer", "sandwich"])
@@ -140,8 +173,8 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_logits():
     plain_apply = jax.jit(OpenVLA(config).apply)
     plain = plain_apply({"params": merged}, *inputs)
     base = plain_apply({"params": merge_lora(params, LoRA(rank=4, alpha=0.0))}, *inputs)
-    assert np.abs(np.asarray(adapted) - np.asarray(plain)).max() <= 1e-5
-    assert np.abs(np.asarray(adapted) - np.asarray(base)).max() > 1e-3  # the adapters do change the model
+    assert max_scaled_diff(adapted, plain) <= 1e-5  # W + A @ B vs x @ W + x @ A @ B: rounding only
+    assert max_scaled_diff(adapted, base) > 1e-3  # the adapters do change the model
 
 
 def test_remat_policies_give_the_same_gradients():
@@ -154,8 +187,7 @@ def test_remat_policies_give_the_same_gradients():
     for policy in ("none", "full", "dots"):
         fn = lambda p, m=OpenVLA(config, remat=policy): loss_and_metrics(p, m, batch, num_labels=8, num_datasets=1)[0]
         grads[policy] = jax.jit(jax.grad(fn))(params)
-    for policy in ("full", "dots"):
-        diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads["none"], grads[policy])
-        assert max(jax.tree.leaves(diff)) <= 1e-6, policy
+    for policy in ("full", "dots"):  # recomputation may fuse differently: fp32 reduction-order noise only
+        assert max_scaled_diff(grads[policy], grads["none"]) <= 1e-4, policy
     with pytest.raises(ValueError, match="unknown remat policy"):
         OpenVLA(config, remat="some").init(jax.random.PRNGKey(1), batch["pixel_values"][:1], batch["input_ids"][:1])

@@ -1,13 +1,22 @@
-"""Where training metrics go: TensorBoard event files and ``metrics.jsonl`` (process 0), W&B when
-configured and installed, and a console progress bar (step, steps/s, ETA from tqdm; loss, accuracy in its postfix)."""
+"""Where training metrics go: TensorBoard event files and ``metrics.jsonl`` (process 0 only; the
+workdir may be a ``gs://`` URL), W&B when configured and installed, and the console.
+
+On a terminal the console shows a tqdm bar (step, steps/s, ETA; loss, accuracy in its postfix). A
+bar redraws with carriage returns, which in a log file (CI, launch scripts, SLURM, ``tee``) is one
+endless line, so when stderr is not a terminal a plain progress line is printed at each metrics write
+(every ``log_every`` steps) instead.
+"""
 from __future__ import annotations
 
 import json
 import logging
-import os
+import sys
+import time
 from typing import Optional
 
 import numpy as np
+
+from ovla_jax import fileio
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +41,46 @@ def summarize(sums: dict, dataset_names: list[str], prefix: str = "") -> dict:
     return out
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def progress_line(step: int, total: int, scalars: dict, elapsed: float, steps_done: int) -> str:
+    """``step 120/1000 (12.0%) | 3.41 steps/s | ETA 00:04:18 | loss 4.1234 | acc 0.120``: steps/s, loss
+    and accuracy of the last logging window (steps/s over the whole run when the window has none)."""
+    rate = scalars.get("train/steps_per_second") or (steps_done / elapsed if elapsed > 0 and steps_done else 0.0)
+    eta = _duration((total - step) / rate) if rate else "?"
+    parts = [f"step {step}/{total} ({100.0 * step / max(total, 1):.1f}%)", f"{rate:.2f} steps/s", f"ETA {eta}"]
+    if "train/loss" in scalars:
+        parts.append(f"loss {scalars['train/loss']:.4f}")
+    if "train/accuracy" in scalars:
+        parts.append(f"acc {scalars['train/accuracy']:.3f}")
+    return " | ".join(parts)
+
+
 class Reporter:
     def __init__(self, workdir: str, *, total_steps: int, start_step: int, enabled: bool = True,
-                 wandb_project: str = "", wandb_config: Optional[dict] = None, progress: bool = True):
+                 wandb_project: str = "", wandb_config: Optional[dict] = None, progress: bool = True,
+                 interactive: Optional[bool] = None):
         self.enabled = enabled
         self.bar = self.tb = self.wandb = self.jsonl = None
         self.history: list[dict] = []
+        self.total, self.start, self.started = total_steps, start_step, time.time()
+        self.lines = False  # plain progress lines instead of a bar
         if not enabled:
             return
         import tensorflow as tf
         from tqdm import tqdm
 
-        self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # one JSON object per write
-        if progress:
+        self.tb = tf.summary.create_file_writer(fileio.join(workdir, "tensorboard"))
+        self.jsonl = fileio.LineLog(fileio.join(workdir, "metrics.jsonl"))  # one JSON object per write
+        interactive = sys.stderr.isatty() if interactive is None else interactive
+        if progress and interactive:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
+        self.lines = progress and not interactive
         if wandb_project:
             try:
                 import wandb
@@ -65,8 +99,7 @@ class Reporter:
         import tensorflow as tf
 
         self.history.append({"step": step, **scalars})
-        self.jsonl.write(json.dumps(self.history[-1]) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write(json.dumps(self.history[-1]))
         with self.tb.as_default(step=step):
             for k, v in scalars.items():
                 tf.summary.scalar(k, v)
@@ -76,6 +109,8 @@ class Reporter:
         if self.bar and "train/loss" in scalars:
             self.bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", acc=f"{scalars['train/accuracy']:.3f}",
                                  refresh=False)
+        if self.lines and "train/loss" in scalars:
+            print(progress_line(step, self.total, scalars, time.time() - self.started, step - self.start), flush=True)
 
     def message(self, text: str) -> None:
         if not self.enabled:
