@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 N_ACTION_BINS = 256
+ACTION_DIM = 7  # 6-D end-effector delta + gripper
 LLAMA2_VOCAB_SIZE = 32000
 NORM_EPS = 1e-8
 

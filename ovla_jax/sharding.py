@@ -16,6 +16,7 @@ VOCAB = "vocab"
 PATCH = "patch"  # conv patch-embedding input (h, w, c)
 NORM = "norm"  # 1-D scales and biases: replicated
 POS = "pos"  # position embedding table length / prefix tokens: replicated
+LAYERS = "layers"  # leading axis of scanned (stacked) layer params: never sharded
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -31,6 +32,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (PATCH, None),
     (NORM, None),
     (POS, None),
+    (LAYERS, None),
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),

@@ -17,6 +17,7 @@ def get_config(mode: str = "lora"):
     c.save_every = 5000
     c.eval_every = 5000
     c.remat = "dots"
+    c.scan_layers = True
     if mode == "lora":
         c.mode = "lora"
         c.lora.rank, c.lora.alpha, c.lora.dropout = 32, 16.0, 0.0

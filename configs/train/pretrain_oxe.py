@@ -18,6 +18,7 @@ def get_config():
     c.optimizer.schedule = "constant"
     c.optimizer.weight_decay = 0.0
     c.remat = "dots"
+    c.scan_layers = True
     c.mesh.fsdp = -1
     c.save_every = 5000
     c.eval_every = 0

@@ -9,16 +9,17 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from ovla_jax import fileio
 from ovla_jax.checkpoints import safetensors_io as st
 from ovla_jax.checkpoints.errors import CheckpointError
 
 
 def read_json(path: str):
-    if not os.path.isfile(path):
+    """A JSON file at a local path or a URL (``gs://``: a train run's meta)."""
+    if not fileio.exists(path) or fileio.isdir(path):
         raise CheckpointError(f"{path}: file not found")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(fileio.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 

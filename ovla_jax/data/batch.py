@@ -93,6 +93,19 @@ def decode_label_actions(batch: Batch, vocab_size: int, n_action_bins: int = A.N
     return np.stack(out)
 
 
+def batch_spec(batch_size: int, max_length: int, image_size: int, channels: int, action_dim: int = A.ACTION_DIM,
+               sharding=None) -> dict:
+    """``jax.ShapeDtypeStruct``s of the global arrays :func:`to_global_arrays` makes (for ahead-of-time
+    compilation: the same keys, shapes and dtypes as real batches)."""
+    import jax
+
+    shapes = {"input_ids": ((batch_size, max_length), np.int32), "attention_mask": ((batch_size, max_length), bool),
+              "labels": ((batch_size, max_length), np.int32),
+              "pixel_values": ((batch_size, image_size, image_size, channels), np.float32),
+              "actions": ((batch_size, action_dim), np.float32), "dataset_id": ((batch_size,), np.int32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+
+
 def to_global_arrays(batch: Batch, sharding, dataset_names: Optional[list] = None) -> dict:
     """Host-local Batch -> dict of global ``jax.Array`` sharded on the batch axis over all processes
     (each process passes its own shard; ``jax.make_array_from_process_local_data`` stitches them).

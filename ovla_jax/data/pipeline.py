@@ -63,6 +63,24 @@ def resolve_mixture(mixture) -> list[tuple[str, float]]:
     return list(mixture)
 
 
+def usable_datasets(mixture, warn: bool = False) -> list[tuple[str, float]]:
+    """The (dataset, weight) entries of a mixture that the VLA trains on (EEF actions and a
+    standardization transform; a lone dataset is always tried), without reading any data."""
+    entries = resolve_mixture(mixture)
+    usable = []
+    for name, weight in entries:
+        spec = registry.REGISTRY.get(name)
+        if len(entries) > 1 and spec is not None and (not spec.loads_for_vla or spec.standardize is None):
+            if warn:
+                log.warning("skipping %s in the mixture: %s", name, "non-EEF actions" if not spec.loads_for_vla
+                            else "no standardization transform yet")
+            continue
+        usable.append((name, weight))
+    if not usable:
+        raise DataError(f"no usable dataset in mixture {mixture!r}")
+    return usable
+
+
 def allocate_threads(total: int, weights: Sequence[float]) -> list[int]:
     """Split a thread budget across datasets proportionally to their weights, at least 1 each."""
     w = np.asarray(weights, np.float64)
@@ -152,19 +170,9 @@ def _seeded_traj_transforms(cfg: DataConfig, traj, seed: int, index):
 def make_frames(cfg: DataConfig, split: str = "train", *, train: bool = True, seed: int = 0, start_index: int = 0,
                 process_index: int = 0, process_count: int = 1) -> tuple[tf.data.Dataset, dict]:
     """The mixed, decoded frame stream and {dataset: statistics}. ``start_index`` resumes mid-stream."""
-    entries = resolve_mixture(cfg.mixture)
     host_seed = seed * 1_000_003 + process_index
     datasets, stats, weights = [], {}, []
-    usable = []
-    for name, weight in entries:
-        spec = registry.REGISTRY.get(name)
-        if len(entries) > 1 and spec is not None and (not spec.loads_for_vla or spec.standardize is None):
-            log.warning("skipping %s in the mixture: %s", name, "non-EEF actions" if not spec.loads_for_vla
-                        else "no standardization transform yet")
-            continue
-        usable.append((name, weight))
-    if not usable:
-        raise DataError(f"no usable dataset in mixture {cfg.mixture!r}")
+    usable = usable_datasets(cfg.mixture, warn=True)
     threads = allocate_threads(cfg.threads, [w for _, w in usable])
     for (name, weight), n_threads in zip(usable, threads):
         ds, st = dataset_frames(cfg, name, split, train=train, seed=host_seed, threads=n_threads,

@@ -22,29 +22,32 @@ from ovla_jax.models.config import LlamaConfig
 from ovla_jax.models.layers import attention, dense
 from ovla_jax.models.lora import LoRA
 from ovla_jax.models.remat import remat_module
+from ovla_jax.models.scan import scanned
 
 Dtype = Any
 
 
 @flax.struct.dataclass
 class KVCache:
-    """Per-layer keys/values float[B, S, K, H], which slots hold real tokens bool[B, S], and the
-    next slot to write (int32 scalar; all rows advance together)."""
+    """Keys/values per layer: a tuple of float[B, S, K, H] (unrolled layers) or one stacked
+    float[L, B, S, K, H] (scanned layers); which slots hold real tokens bool[B, S]; and the next slot to
+    write (int32 scalar; all rows advance together)."""
 
-    k: tuple
-    v: tuple
+    k: Any
+    v: Any
     mask: jax.Array
     index: jax.Array
 
     @classmethod
-    def zeros(cls, cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+    def zeros(cls, cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32, stacked: bool = False) -> "KVCache":
         shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
-        return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            mask=jnp.zeros((batch, length), bool),
-            index=jnp.zeros((), jnp.int32),
-        )
+        if stacked:
+            k = jnp.zeros((cfg.num_layers,) + shape, dtype)
+            v = jnp.zeros((cfg.num_layers,) + shape, dtype)
+        else:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=k, v=v, mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
 
 class RMSNorm(nn.Module):
@@ -141,6 +144,14 @@ class LlamaDecoderLayer(nn.Module):
         return x, new_kv
 
 
+class ScannedDecoderLayer(LlamaDecoderLayer):
+    """A decoder layer as an ``nn.scan`` body: ``(x, cache_kv, cos, sin, mask, cache_index) -> (x, new_kv)``;
+    the cache is scanned over (one layer's slice per step), everything else is broadcast."""
+
+    def __call__(self, x, cache_kv, cos, sin, mask, cache_index):
+        return LlamaDecoderLayer.__call__(self, x, cos, sin, mask, cache_kv, cache_index)
+
+
 class LlamaModel(nn.Module):
     """Embedding table, decoder layers, final norm (HF ``model.*``)."""
 
@@ -149,14 +160,21 @@ class LlamaModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     lora: Optional[LoRA] = None
     remat: str = "none"  # see ovla_jax.models.remat.POLICIES
+    scan: bool = False  # layers as one nn.scan over stacked params (ovla_jax.models.scan)
 
     def setup(self):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (ax.VOCAB, ax.EMBED)))
-        Layer = remat_module(LlamaDecoderLayer, self.remat)
-        self.layers = [Layer(cfg, lora=self.lora, **kw) for _ in range(cfg.num_layers)]
+        if self.scan:
+            broadcast = nn.broadcast
+            Layers = scanned(ScannedDecoderLayer, length=cfg.num_layers, remat=self.remat,
+                             in_axes=(0, broadcast, broadcast, broadcast, broadcast))
+            self.layers = Layers(cfg, lora=self.lora, **kw)
+        else:
+            Layer = remat_module(LlamaDecoderLayer, self.remat)
+            self.layers = [Layer(cfg, lora=self.lora, **kw) for _ in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
     def embed(self, input_ids):
@@ -181,16 +199,22 @@ class LlamaModel(nn.Module):
         mask = (key_index[None, None, :] <= query_index[None, :, None]) & key_mask[:, None, :]
         cos, sin = rope_tables(positions, self.cfg.dim_per_head, self.cfg.rope_theta)
         x = embeds.astype(self.dtype)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, new_kv = layer(x, cos, sin, mask, kv, start)
-            if new_kv is not None:
-                new_k.append(new_kv[0])
-                new_v.append(new_kv[1])
+        if self.scan:
+            kv = None if cache is None else (cache.k, cache.v)
+            x, new_kv = self.layers(x, kv, cos, sin, mask, jnp.asarray(start, jnp.int32))
+            new_k, new_v = (None, None) if new_kv is None else new_kv
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x, new_kv = layer(x, cos, sin, mask, kv, start)
+                if new_kv is not None:
+                    new_k.append(new_kv[0])
+                    new_v.append(new_kv[1])
+            new_k, new_v = tuple(new_k), tuple(new_v)
         x = self.norm(x)
         if cache is not None:
-            cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=key_mask, index=cache.index + t)
+            cache = KVCache(k=new_k, v=new_v, mask=key_mask, index=cache.index + t)
         return x, cache
 
 
@@ -202,10 +226,11 @@ class LlamaForCausalLM(nn.Module):
     param_dtype: Dtype = jnp.float32
     lora: Optional[LoRA] = None
     remat: str = "none"  # see ovla_jax.models.remat.POLICIES
+    scan: bool = False
 
     def setup(self):
         self.model = LlamaModel(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
-                                remat=self.remat)
+                                remat=self.remat, scan=self.scan)
         self.lm_head = dense(self.cfg.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=False, dtype=self.dtype,
                              param_dtype=self.param_dtype)
 

@@ -34,6 +34,7 @@ class VisionBackbone(nn.Module):
     param_dtype: Dtype = jnp.float32
     lora: Optional[LoRA] = None
     remat: str = "none"
+    scan: bool = False
 
     @nn.compact
     def __call__(self, pixel_values):
@@ -46,7 +47,7 @@ class VisionBackbone(nn.Module):
         features = []
         for i, cfg in enumerate(self.towers):
             tower = ViT(cfg, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, remat=self.remat,
-                        name=names[i])
+                        scan=self.scan, name=names[i])
             features.append(tower(pixel_values[..., 3 * i:3 * i + 3])[0])
         return jnp.concatenate(features, axis=-1) if len(features) > 1 else features[0]
 
@@ -56,21 +57,25 @@ class OpenVLA(nn.Module):
 
     ``dtype`` is the compute dtype (bf16 for training), ``param_dtype`` the storage dtype; ``lora``
     adds adapters to every linear layer but the LM head; ``remat`` names a policy in
-    ``ovla_jax.models.remat``. None of these change the checkpoint names of the base params."""
+    ``ovla_jax.models.remat``; ``scan_layers`` runs each tower's blocks and the LLM's layers as one
+    ``nn.scan`` each, over params stacked on a leading layer axis (``ovla_jax.models.scan`` maps them
+    to and from the per-layer names checkpoints use). The numerics are the same either way."""
 
     config: OpenVLAConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     lora: Optional[LoRA] = None
     remat: str = "none"
+    scan_layers: bool = False
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if len(cfg.vision) > 2:
             raise ValueError(f"at most two vision towers are supported, got {len(cfg.vision)}")
-        self.vision_backbone = VisionBackbone(tuple(cfg.vision), lora=self.lora, remat=self.remat, **kw)
+        self.vision_backbone = VisionBackbone(tuple(cfg.vision), lora=self.lora, remat=self.remat,
+                                              scan=self.scan_layers, **kw)
         self.projector = Projector(cfg.projector, cfg.llm.hidden_size, lora=self.lora, **kw)
-        self.language_model = LlamaForCausalLM(cfg.llm, lora=self.lora, remat=self.remat, **kw)
+        self.language_model = LlamaForCausalLM(cfg.llm, lora=self.lora, remat=self.remat, scan=self.scan_layers, **kw)
 
     def embed_images(self, pixel_values):
         """float[B, H, W, C] -> float[B, P, D] projected patch embeddings."""
@@ -118,9 +123,11 @@ class OpenVLA(nn.Module):
         return self.language_model.logits(hidden), cache
 
 
-def init_cache(config: OpenVLAConfig, batch: int, prompt_len: int, new_tokens: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache long enough for the prompt (text + patches) and ``new_tokens`` more."""
-    return KVCache.zeros(config.llm, batch, prompt_len + config.num_patches + new_tokens, dtype)
+def init_cache(config: OpenVLAConfig, batch: int, prompt_len: int, new_tokens: int, dtype=jnp.float32,
+               stacked: bool = False) -> KVCache:
+    """An empty cache long enough for the prompt (text + patches) and ``new_tokens`` more (``stacked``
+    for a model with scanned layers)."""
+    return KVCache.zeros(config.llm, batch, prompt_len + config.num_patches + new_tokens, dtype, stacked)
 
 
 @partial(jax.jit, static_argnames=("model", "num_tokens"))
@@ -132,7 +139,7 @@ def greedy_decode(model: OpenVLA, params, pixel_values, input_ids, attention_mas
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, bool)
     batch, prompt_len = input_ids.shape
-    cache = init_cache(model.config, batch, prompt_len, num_tokens, dtype=model.dtype)
+    cache = init_cache(model.config, batch, prompt_len, num_tokens, dtype=model.dtype, stacked=model.scan_layers)
     variables = {"params": params}
     logits, cache = model.apply(variables, pixel_values, input_ids, attention_mask, cache, method=OpenVLA.prefill)
 

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from ovla_jax import sharding as ax
 from ovla_jax.models.config import ViTConfig
 from ovla_jax.models.lora import LoRA
-from ovla_jax.models.remat import remat_module
 from ovla_jax.models.layers import attention, dense, exact_gelu, layer_norm
+from ovla_jax.models.remat import remat_module
+from ovla_jax.models.scan import scanned
 
 Dtype = Any
 
@@ -94,6 +95,21 @@ class ViTBlock(nn.Module):
         return x + y
 
 
+class ScannedViTBlock(ViTBlock):
+    """A ViTBlock as an ``nn.scan`` body: ``(x, active) -> (x, x or None)``. Inactive layers (those after
+    the feature block) are skipped with a cond at run time, so the scanned tower costs what the unrolled
+    one does; at init every layer runs so all params exist. ``collect`` returns each block's output."""
+
+    collect: bool = False
+
+    def __call__(self, x, active):
+        if self.is_initializing():
+            x = ViTBlock.__call__(self, x)
+        else:
+            x = nn.cond(active, lambda block, y: ViTBlock.__call__(block, y), lambda block, y: y, self, x)
+        return x, (x if self.collect else None)
+
+
 class AttentionPoolHead(nn.Module):
     """SigLIP's multi-head attention-pooling head (timm ``attn_pool``). Unused by OpenVLA, whose
     features come from an inner block, but its parameters are part of the checkpoint."""
@@ -144,7 +160,8 @@ class ViT(nn.Module):
     ``features`` float[B, P, D] is the output of block ``cfg.feature_block`` with prefix tokens
     dropped (upstream's ``get_intermediate_layers(n={depth - 2})``). Later blocks, the final norm and
     the pool head run only under ``full=True`` (or at init, so every checkpoint tensor exists).
-    ``intermediates`` maps ``block_<i>`` (and ``encoded``/``pooled`` when full) to outputs.
+    ``intermediates`` maps ``block_<i>`` (and ``encoded``/``pooled`` when full) to outputs; with
+    ``scan`` only the feature block's unless ``full``.
     """
 
     cfg: ViTConfig
@@ -152,6 +169,7 @@ class ViT(nn.Module):
     param_dtype: Dtype = jnp.float32
     lora: Optional[LoRA] = None
     remat: str = "none"  # see ovla_jax.models.remat.POLICIES
+    scan: bool = False  # blocks as one nn.scan over stacked params (ovla_jax.models.scan)
 
     @nn.compact
     def __call__(self, images, *, full: bool = False):
@@ -179,13 +197,22 @@ class ViT(nn.Module):
         if prefix:
             x = jnp.concatenate(prefix + [x], axis=1)
 
-        Block = remat_module(ViTBlock, self.remat)
         run_all = full or self.is_initializing()
         last = cfg.depth - 1 if run_all else cfg.feature_block
         intermediates = {}
-        for i in range(last + 1):
-            x = Block(cfg, name=f"blocks_{i}", lora=self.lora, **kw)(x)
-            intermediates[f"block_{i}"] = x
+        if self.scan:
+            blocks = scanned(ScannedViTBlock, length=cfg.depth, remat=self.remat)
+            active = jnp.arange(cfg.depth) <= last
+            x, outputs = blocks(cfg, name="blocks", lora=self.lora, collect=full, **kw)(x, active)
+            if full:
+                intermediates.update({f"block_{i}": outputs[i] for i in range(cfg.depth)})
+            else:  # the blocks after the feature block were skipped: x is the feature block's output
+                intermediates[f"block_{cfg.feature_block}"] = x
+        else:
+            Block = remat_module(ViTBlock, self.remat)
+            for i in range(last + 1):
+                x = Block(cfg, name=f"blocks_{i}", lora=self.lora, **kw)(x)
+                intermediates[f"block_{i}"] = x
         features = intermediates[f"block_{cfg.feature_block}"][:, cfg.num_prefix_tokens:]
         if run_all:
             encoded = layer_norm(cfg.norm_eps, name="norm", **kw)(x)

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -20,17 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import meta as flax_meta
 
-from ovla_jax import sharding
+from ovla_jax import fileio, sharding
 from ovla_jax.checkpoints.hf import read_config
 from ovla_jax.checkpoints.hf_config import config_to_hf
-from ovla_jax.data.batch import BatchTransform, to_global_arrays
+from ovla_jax.data.batch import BatchTransform, batch_spec, to_global_arrays
 from ovla_jax.data.errors import DataError
-from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches
+from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches, usable_datasets
 from ovla_jax.models.config import OpenVLAConfig, from_config_dict, pixel_normalizations
 from ovla_jax.models.lora import lora_from_config
 from ovla_jax.models.openvla import OpenVLA
 from ovla_jax.train import optimizer as O
 from ovla_jax.train.checkpoint import Checkpointer, read_meta, resolve
+from ovla_jax.train.preemption import PreemptionWatch
 from ovla_jax.train.report import Reporter, summarize
 from ovla_jax.train.step import Trainer
 
@@ -87,34 +87,71 @@ def data_config(config, model_cfg: OpenVLAConfig) -> DataConfig:
     return DataConfig(**fields)
 
 
-class _StopFlag:
-    """Set by SIGTERM (preemption notice); checked at step boundaries."""
+@dataclasses.dataclass
+class TrainSetup:
+    """What ``ovla-jax train`` and ``ovla-jax compile`` share: one model, optimizer, mesh and Trainer."""
 
-    def __init__(self):
-        self.set = False
-        self._previous = None
+    model_cfg: OpenVLAConfig
+    model: OpenVLA
+    lora: Any
+    tx: Any
+    lr: Callable
+    mesh: Any
+    trainer: Trainer
+    example: dict  # a one-example batch of the model's inputs (shapes for init)
 
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, the run still works
-            self._previous = None
-        return self
+    def batch_spec(self, batch_size: int, max_length: int) -> dict:
+        """ShapeDtypeStructs of a global training batch, sharded on the batch axis."""
+        size = self.model_cfg.vision[0].image_size
+        return batch_spec(batch_size, max_length, size, 3 * len(self.model_cfg.vision),
+                          sharding=sharding.batch_sharding(self.mesh))
 
-    def _handle(self, signum, frame):
-        self.set = True
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+def build(config, model_cfg: OpenVLAConfig, num_datasets: int, devices=None) -> TrainSetup:
+    """Model, optimizer, mesh (over ``devices``, default all) and Trainer for a training config: the one
+    place both the train loop and ahead-of-time compilation build them, so they compile the same step."""
+    try:
+        mesh = sharding.make_mesh(dict(config.mesh), devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % replicas:
+        raise ConfigError(f"batch_size {config.batch_size} is not a multiple of data x fsdp = {replicas} "
+                          f"(mesh {dict(mesh.shape)})")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype {config.dtype!r}: use float32 or bfloat16 (params stay float32)")
+    lora = lora_from_config(config.get("lora"))
+    if config.mode == "lora" and lora is None:
+        raise ConfigError("mode 'lora' needs lora.rank > 0")
+    scan = bool(config.get("scan_layers", False))
+    model = OpenVLA(model_cfg, dtype=jnp.dtype(config.dtype), lora=lora, remat=config.remat, scan_layers=scan)
+    size = model_cfg.vision[0].image_size
+    example = {"pixel_values": np.zeros((1, size, size, 3 * len(model_cfg.vision)), np.float32),
+               "input_ids": np.zeros((1, config.max_length), np.int32)}
+    abstract_params = flax_meta.unbox(jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), example["pixel_values"], example["input_ids"])["params"]))
+    opt = config.optimizer
+    lr = O.schedule(opt.schedule, opt.lr, total_steps=config.num_steps, warmup_steps=opt.warmup_steps)
+    try:
+        trainable = O.trainable_patterns(config.mode, model_cfg.llm.num_layers, scan)
+        tx = O.make_optimizer(abstract_params, lr_schedule=lr, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
+                              trainable=trainable, accumulate_steps=opt.accumulate_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    trainer = Trainer(model, tx, mesh, num_datasets=num_datasets)
+    return TrainSetup(model_cfg, model, lora, tx, lr, mesh, trainer, example)
 
-    def agreed(self) -> bool:
-        """All processes stop at the same step: any one's flag stops everyone."""
-        if jax.process_count() == 1:
-            return self.set
-        from jax.experimental import multihost_utils
 
-        return bool(np.asarray(multihost_utils.process_allgather(np.array(self.set))).any())
+def _check_resumable(meta: dict, config, process_count: int, directory: str, step: int) -> None:
+    """A workdir resumes only with the settings that fix its checkpoint's layout and data position."""
+    where = f"{directory}/{step}"
+    scan = bool(config.get("scan_layers", False))
+    if bool(meta.get("scan_layers", False)) != scan:
+        raise ConfigError(f"{where} was written with scan_layers={not scan}; resume it with "
+                          f"--config.scan_layers={not scan} (or use a new workdir)")
+    if meta.get("process_count", process_count) != process_count:
+        log.warning("%s was written by %s process(es), this run has %s: the data stream restarts from an "
+                    "equivalent position, not bitwise the same one", where, meta.get("process_count"), process_count)
 
 
 def _validation(trainer, params, val_frames, host_batch, bt, batch_sh, names, max_batches):
@@ -133,48 +170,30 @@ def train(config, workdir: str, *, progress: bool = True,
           on_step: Optional[Callable[[int], None]] = None) -> RunResult:
     """Run (or resume) the training ``config`` describes in ``workdir``; see configs/train/*.py.
     ``on_step(step)`` is called after each step is dispatched (hooks for callers and tests)."""
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     model_cfg, init_norm_stats = model_config(config)
     pcount, pindex = jax.process_count(), jax.process_index()
     if config.batch_size % pcount:
         raise ConfigError(f"batch_size {config.batch_size} does not split over {pcount} processes")
     host_batch = config.batch_size // pcount
-    mesh = sharding.make_mesh(dict(config.mesh))
-    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % replicas:
-        raise ConfigError(f"batch_size {config.batch_size} is not a multiple of data x fsdp = {replicas} "
-                          f"(mesh {dict(mesh.shape)})")
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"dtype {config.dtype!r}: use float32 or bfloat16 (params stay float32)")
-    lora = lora_from_config(config.get("lora"))
-    if config.mode == "lora" and lora is None:
-        raise ConfigError("mode 'lora' needs lora.rank > 0")
-    model = OpenVLA(model_cfg, dtype=jnp.dtype(config.dtype), lora=lora, remat=config.remat)
     tokenizer = make_tokenizer(config.tokenizer, model_cfg)
     dc = data_config(config, model_cfg)
     bt = BatchTransform(tokenizer, config.max_length, model_cfg.n_action_bins, window=dc.window)
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.save_every, keep=config.keep,
+    ckpt = Checkpointer(fileio.join(workdir, "checkpoints"), save_every=config.save_every, keep=config.keep,
                         async_save=config.async_checkpoints)
     latest = ckpt.latest_step()
     resumed_meta = read_meta(resolve(ckpt.directory, latest)) if latest is not None else None
+    if resumed_meta is not None:
+        _check_resumable(resumed_meta, config, pcount, ckpt.directory, latest)
     data_index = resumed_meta["data_index"] if resumed_meta else 0
     frames, stats = make_frames(dc, "train", train=True, seed=config.seed, start_index=data_index,
                                 process_index=pindex, process_count=pcount)
     names = list(stats)
     norm_stats = {**init_norm_stats, **stats}
 
-    size = model_cfg.vision[0].image_size
-    example = {"pixel_values": np.zeros((1, size, size, 3 * len(model_cfg.vision)), np.float32),
-               "input_ids": np.zeros((1, config.max_length), np.int32)}
-    abstract_params = flax_meta.unbox(jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), example["pixel_values"], example["input_ids"])["params"]))
-    opt = config.optimizer
-    lr = O.schedule(opt.schedule, opt.lr, total_steps=config.num_steps, warmup_steps=opt.warmup_steps)
-    tx = O.make_optimizer(abstract_params, lr_schedule=lr, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
-                          trainable=O.trainable_patterns(config.mode, model_cfg.llm.num_layers),
-                          accumulate_steps=opt.accumulate_steps)
-    trainer = Trainer(model, tx, mesh, num_datasets=len(names))
+    setup = build(config, model_cfg, len(names))
+    trainer, lr, lora, example = setup.trainer, setup.lr, setup.lora, setup.example
     rng = jax.random.PRNGKey(config.seed)
     abstract, shardings = trainer.abstract_state(rng, example)
     if latest is not None:
@@ -190,7 +209,7 @@ def train(config, workdir: str, *, progress: bool = True,
             params = load_sharded_params(config.init_checkpoint, target, progress=progress and pindex == 0)
         state = trainer.init(rng, example, params)
         start = 0
-    batch_sh = sharding.batch_sharding(mesh)
+    batch_sh = sharding.batch_sharding(setup.mesh)
     step_fn = trainer.compile_step(batch_sh)
     val_frames = None
     if config.eval_every:
@@ -203,9 +222,10 @@ def train(config, workdir: str, *, progress: bool = True,
 
     meta_base = {"config": config_to_hf(model_cfg, norm_stats, "float32", False),
                  "lora": dataclasses.asdict(lora) if lora else None, "dataset_names": names,
+                 "scan_layers": bool(config.get("scan_layers", False)),
                  "host_batch": host_batch, "process_count": pcount, "train_config": json.loads(config.to_json_best_effort())}
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(meta_base["train_config"], f, indent=2)
+    if pindex == 0:
+        fileio.write_text(fileio.join(workdir, "config.json"), json.dumps(meta_base["train_config"], indent=2))
 
     def meta(step):
         return {**meta_base, "step": step, "data_index": step * host_batch}
@@ -218,7 +238,7 @@ def train(config, workdir: str, *, progress: bool = True,
     batches = numpy_batches(frames, host_batch)
     pending_losses, sums, last_log = [], None, (start, time.time())
     result = None
-    with _StopFlag() as stop:
+    with PreemptionWatch() as stop:
         step = start
         try:
             while step < config.num_steps:
@@ -232,7 +252,7 @@ def train(config, workdir: str, *, progress: bool = True,
                 reporter.advance()
                 if on_step is not None:
                     on_step(step)
-                stopping = stop.agreed()
+                stopping = stop.reached(step)
                 due_save = ckpt.due(step) or step == config.num_steps or stopping
                 if step % config.log_every == 0 or due_save:
                     bad = [(s, v) for s, v in jax.device_get(pending_losses) if not np.isfinite(v)]
@@ -264,7 +284,7 @@ def train(config, workdir: str, *, progress: bool = True,
                 ckpt.save(step, state, meta(step), force=step == config.num_steps or stopping)
                 if stopping:
                     ckpt.wait()
-                    msg = f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}; exiting"
+                    msg = f"preempted (SIGTERM): saved a checkpoint at step {step} in {ckpt.directory}; exiting"
                     reporter.message(msg)
                     result = RunResult("preempted", step, reporter.history, msg, state)
                     break

@@ -23,9 +23,13 @@ MODES: dict[str, tuple[str, ...]] = {
 }
 
 
-def trainable_patterns(mode: str, num_llm_layers: int) -> list[str]:
+def trainable_patterns(mode: str, num_llm_layers: int, scan_layers: bool = False) -> list[str]:
     if mode not in MODES:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; choose from {sorted(MODES)}")
+    if scan_layers and any("{last}" in p for p in MODES[mode]):
+        # A scanned model holds all LLM layers in one stacked param: one layer cannot be picked by path.
+        raise ValueError(f"fine-tuning mode {mode!r} trains one LLM layer, which scan_layers=True stacks "
+                         f"with the others; set scan_layers=False for it")
     return [p.replace("{last}", str(num_llm_layers - 1)) for p in MODES[mode]]
 
 
