@@ -27,7 +27,11 @@ setup(
     extras_require={
         # PyTorch reference for parity tests and export checks; never imported by the package itself.
         "torch": ["torch>=2.1", "torchvision", "timm>=1.0", "transformers>=4.40"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "pyyaml"],
+        # libtpu: training on TPU VMs, and ahead-of-time compiles for TPU slices on any host (ovla-jax compile).
+        "tpu": ["jax[tpu]"],
+        # CUDA 12 wheels of jaxlib for GPU training (launch/slurm_gpu.sbatch).
+        "gpu": ["jax[cuda12]"],
     },
     entry_points={"console_scripts": ["ovla-jax=ovla_jax.cli:main"]},
 )

@@ -32,6 +32,15 @@ def _train(argv) -> int:
     return cli.run(argv)
 
 
+def _compile(argv) -> int:
+    from ovla_jax.train import compile_cli
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(compile_cli.__doc__ + "\n" + compile_cli.USAGE)
+        return 0
+    return compile_cli.run(argv)
+
+
 def _pending(verb: str):
     def run(_args) -> int:
         print(f"ovla-jax {verb}: not available yet; it arrives with {_PENDING[verb]}.", file=sys.stderr)
@@ -57,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                          add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(run=lambda args: _train(args.rest))
+    p = verbs.add_parser("compile", help="ahead-of-time compile of the train step for a TPU slice: fits? how fast?",
+                         add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(run=lambda args: _compile(args.rest))
     from ovla_jax import demo
     from ovla_jax.eval import cli as eval_cli
 
@@ -80,5 +93,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":  # absl flags (--config.x=y) are parsed by the train verb itself
         return _train(argv[1:])
+    if argv and argv[0] == "compile":
+        return _compile(argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)

@@ -81,7 +81,10 @@ class LineLog:
     def __init__(self, path: str):
         self.path = path
         if is_url(path):
-            previous = read_text(path) if exists(path) else ""
+            previous = ""
+            if exists(path):
+                previous = read_text(path)
+                _gfile().remove(path)  # some file systems append on "w" to an existing file
             self.file = open_file(path, "w")
             self.file.write(previous)
         else:

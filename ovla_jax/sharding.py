@@ -18,6 +18,14 @@ NORM = "norm"  # 1-D scales and biases: replicated
 POS = "pos"  # position embedding table length / prefix tokens: replicated
 LAYERS = "layers"  # leading axis of scanned (stacked) layer params: never sharded
 
+# Logical axis names of activations (constrained at block boundaries, so GSPMD keeps the batch split over
+# the data-parallel axes instead of propagating the params' fsdp sharding onto the hidden dimension).
+BATCH = "batch"
+LENGTH = "length"
+ACT_EMBED = "act_embed"  # the residual stream's width: replicated (params are fsdp-sharded, activations not)
+ACT_HEADS = "act_heads"  # attention heads
+ACT_MLP = "act_mlp"  # MLP hidden
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or None = replicated). Ordered: the first rule whose mesh axis is still
@@ -34,9 +42,26 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (POS, None),
     (LAYERS, None),
     # activations
-    ("batch", ("data", "fsdp")),
-    ("length", None),
+    (BATCH, ("data", "fsdp")),
+    (LENGTH, None),
+    (ACT_EMBED, None),
+    (ACT_HEADS, "tensor"),
+    (ACT_MLP, "tensor"),
 )
+
+
+def activation_rules(mesh):
+    """Context under which the models' ``constrain`` calls become sharding constraints (trace the train
+    step inside it); outside it they are no-ops (inference, tests on one device)."""
+    import contextlib
+
+    import flax.linen as nn
+    import jax
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    stack.enter_context(nn.logical_axis_rules(LOGICAL_AXIS_RULES))
+    return stack
 
 
 def make_mesh(axes: dict | None = None, devices=None):
@@ -66,7 +91,13 @@ def make_mesh(axes: dict | None = None, devices=None):
         sizes[rest[0]] = devices.size // known
     if math.prod(sizes.values()) != devices.size:
         raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {devices.size}")
-    return Mesh(devices.reshape(tuple(sizes.values())), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    shape = tuple(sizes.values())
+    grid = devices.reshape(shape)
+    if devices.flat[0].platform == "tpu":  # place mesh axes along the physical ICI torus
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, list(devices.flat), allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def param_shardings(boxed_params, mesh, rules=LOGICAL_AXIS_RULES):

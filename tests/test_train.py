@@ -40,10 +40,11 @@ def trainer(config, mesh_axes, mode="full", lr=1e-3, devices=None, tx=None):
     batch = make_batch(config)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["pixel_values"][:1], batch["input_ids"][:1]))
     params_abstract = meta.unbox(boxed["params"])
+    patterns = O.trainable_patterns(mode, config.llm.num_layers)
     if tx is None:
         tx = O.make_optimizer(params_abstract, lr_schedule=O.schedule("constant", lr), weight_decay=0.01,
-                              trainable=O.trainable_patterns(mode, config.llm.num_layers))
-    t = Trainer(model, tx, mesh)
+                              trainable=patterns)
+    t = Trainer(model, tx, mesh, trainable=O.trainable_mask(params_abstract, patterns))
     state = t.init(jax.random.PRNGKey(0), batch)
     step = t.compile_step(sharding.batch_sharding(mesh))
     return t, state, step, batch
@@ -147,9 +148,9 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_logits():
     model = OpenVLA(config, lora=lora)
     batch = make_batch(config)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["pixel_values"][:1], batch["input_ids"][:1]))
-    tx = O.make_optimizer(meta.unbox(boxed["params"]), lr_schedule=O.schedule("constant", 1e-2),
-                          trainable=O.trainable_patterns("lora", config.llm.num_layers))
-    t = Trainer(model, tx, mesh)
+    patterns = O.trainable_patterns("lora", config.llm.num_layers)
+    tx = O.make_optimizer(meta.unbox(boxed["params"]), lr_schedule=O.schedule("constant", 1e-2), trainable=patterns)
+    t = Trainer(model, tx, mesh, trainable=O.trainable_mask(meta.unbox(boxed["params"]), patterns))
     state = t.init(jax.random.PRNGKey(0), batch)
     step = t.compile_step(sharding.batch_sharding(mesh))
     before = traverse_util.flatten_dict(jax.device_get(state.params))
@@ -184,10 +185,38 @@ def test_remat_policies_give_the_same_gradients():
     batch = make_batch(config)
     params = meta.unbox(OpenVLA(config).init(jax.random.PRNGKey(1), batch["pixel_values"][:1], batch["input_ids"][:1])["params"])
     grads = {}
-    for policy in ("none", "full", "dots"):
+    for policy in ("none", "full", "dots", "dots_all"):
         fn = lambda p, m=OpenVLA(config, remat=policy): loss_and_metrics(p, m, batch, num_labels=8, num_datasets=1)[0]
         grads[policy] = jax.jit(jax.grad(fn))(params)
-    for policy in ("full", "dots"):  # recomputation may fuse differently: fp32 reduction-order noise only
+    for policy in ("full", "dots", "dots_all"):  # recomputation may fuse differently: fp32 reduction-order noise only
         assert max_scaled_diff(grads[policy], grads["none"]) <= 1e-4, policy
     with pytest.raises(ValueError, match="unknown remat policy"):
         OpenVLA(config, remat="some").init(jax.random.PRNGKey(1), batch["pixel_values"][:1], batch["input_ids"][:1])
+
+
+def test_frozen_params_cost_no_weight_gradients_and_change_nothing_else():
+    """LoRA: base weights enter the loss through stop_gradient, so XLA drops their weight-gradient
+    matmuls (about a third of a full step), and the adapters' updates are what they were without it."""
+    from ovla_jax.models.lora import LoRA
+
+    config = tiny_config()
+    model = OpenVLA(config, lora=LoRA(rank=4, alpha=8.0))
+    mesh = sharding.make_mesh({"fsdp": -1})
+    batch = make_batch(config)
+    params = meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["pixel_values"][:1],
+                                                          batch["input_ids"][:1]))["params"])
+    patterns = O.trainable_patterns("lora", config.llm.num_layers)
+    tx = optax.multi_transform({"train": optax.sgd(1e-2), "freeze": optax.set_to_zero()},
+                               O.trainable_labels(params, patterns))
+    runs = {}
+    for name, mask in (("masked", O.trainable_mask(params, patterns)), ("all", None)):
+        t = Trainer(model, tx, mesh, trainable=mask)
+        state = t.init(jax.random.PRNGKey(0), batch)
+        step = t.compile_step(sharding.batch_sharding(mesh))
+        flops = step.lower(state, batch).compile().cost_analysis()["flops"]
+        before = jax.device_get(state.params)
+        state, _ = step(state, batch)
+        after = jax.device_get(state.params)
+        runs[name] = (flops, jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, after, before))
+    assert runs["masked"][0] < 0.8 * runs["all"][0], (runs["masked"][0], runs["all"][0])
+    assert max_scaled_diff(runs["masked"][1], runs["all"][1]) <= 1e-4

@@ -27,7 +27,7 @@ def base_config(model: str = "7b") -> ml_collections.ConfigDict:
     c.num_steps = 1000
     c.seed = 0
     c.dtype = "bfloat16"  # compute dtype; params, logits and loss stay float32
-    c.remat = "none"  # none | dots | full (see ovla_jax/models/remat.py)
+    c.remat = "none"  # none | dots | dots_all | full (see ovla_jax/models/remat.py)
     c.scan_layers = False  # nn.scan over each tower's blocks and the LLM's layers (fast compiles; ovla_jax/models/scan.py)
 
     c.mode = "full"  # full | frozen_vision | last_layer | sandwich | lora

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from ovla_jax import fileio
 from ovla_jax.data import traj as T
 from ovla_jax.data.errors import DataError
 from ovla_jax.data.oxe.registry import DatasetSpec
@@ -50,10 +51,9 @@ def compute_stats(actions: np.ndarray, num_trajectories: int, mask) -> dict:
 def dataset_stats(builder, spec: DatasetSpec, cache_dir: Optional[str] = DEFAULT_CACHE, progress: bool = False) -> dict:
     """Statistics of one dataset (all splits, after standardization); read from the cache when present."""
     key = stats_key(builder, spec)
-    path = os.path.join(cache_dir, f"{spec.name}-{key}.json") if cache_dir else None
-    if path and os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    path = fileio.join(cache_dir, f"{spec.name}-{key}.json") if cache_dir else None
+    if path and fileio.exists(path):
+        return json.loads(fileio.read_text(path))
     ds = T.from_rlds(builder, "all")
     ds = T.traj_map(ds, lambda traj: {"action": spec.standardize(traj)["action"]})
     chunks, n_traj = [], 0
@@ -67,10 +67,7 @@ def dataset_stats(builder, spec: DatasetSpec, cache_dir: Optional[str] = DEFAULT
     if not n_traj:
         raise DataError(f"dataset {spec.name!r}: empty (no trajectories in {builder.data_dir})")
     stats = compute_stats(np.concatenate(chunks), n_traj, spec.action_normalization_mask)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(stats, f)
-        os.replace(tmp, path)
+    if path:  # a local dir or a URL (gs://): one cache shared by every host of a pod
+        fileio.makedirs(cache_dir)
+        fileio.write_text(path, json.dumps(stats))
     return stats

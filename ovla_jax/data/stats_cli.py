@@ -1,9 +1,10 @@
-"""``ovla-jax stats``: a dataset's action statistics in the official ``norm_stats`` format."""
+"""``ovla-jax stats``: action statistics in the official ``norm_stats`` format, for one dataset or every
+usable dataset of a named mixture (computed once, then read from the cache; ``--cache-dir gs://...``
+gives every host of a pod the same cache)."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from ovla_jax.data.errors import DataError
@@ -11,28 +12,29 @@ from ovla_jax.data.errors import DataError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", required=True, help="directory holding <dataset>/<version>/ tfds dirs")
-    parser.add_argument("--dataset", required=True, help="registry name, e.g. bridge_orig")
+    parser.add_argument("--dataset", required=True, help="registry name (e.g. bridge_orig) or a mixture name "
+                        "(e.g. oxe_magic_soup_plus_minus: every usable dataset in it)")
     parser.add_argument("--out", default=None, help="also write {dataset: stats} JSON here")
     parser.add_argument("--cache-dir", default=None, help="statistics cache (default ~/.cache/ovla_jax/stats)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ovla_jax import fileio
     from ovla_jax.data import traj
+    from ovla_jax.data.oxe.mixtures import MIXTURES
     from ovla_jax.data.oxe.registry import get_spec
+    from ovla_jax.data.pipeline import usable_datasets
     from ovla_jax.data.stats import DEFAULT_CACHE, dataset_stats
 
     try:
-        spec = get_spec(args.dataset)
-        stats = dataset_stats(traj.open_builder(args.data_dir, args.dataset), spec, args.cache_dir or DEFAULT_CACHE,
-                              progress=True)
+        names = [n for n, _ in usable_datasets(args.dataset)] if args.dataset in MIXTURES else [args.dataset]
+        stats = {name: dataset_stats(traj.open_builder(args.data_dir, name), get_spec(name),
+                                     args.cache_dir or DEFAULT_CACHE, progress=True) for name in names}
     except DataError as e:
         print(f"stats: error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps({args.dataset: stats}, indent=2)
+    text = json.dumps(stats, indent=2)
     if args.out:
-        tmp = f"{args.out}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+        fileio.write_text(args.out, text + "\n")
     print(text)
     return 0

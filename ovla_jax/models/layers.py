@@ -17,6 +17,12 @@ Dtype = Any
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
 
+def constrain(x, *names: str | None):
+    """Shard activation ``x`` by logical axis names (one per dim) when the train step traced it under
+    ``ovla_jax.sharding.activation_rules``; otherwise returns ``x`` as is."""
+    return nn.with_logical_constraint(x, names)
+
+
 def exact_gelu(x):
     """erf GELU, as torch's ``nn.GELU()`` (flax's ``nn.gelu`` defaults to the tanh approximation)."""
     return nn.gelu(x, approximate=False)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from ovla_jax import sharding as ax
 from ovla_jax.models.config import LlamaConfig
-from ovla_jax.models.layers import attention, dense
+from ovla_jax.models.layers import attention, constrain, dense
 from ovla_jax.models.lora import LoRA
 from ovla_jax.models.remat import remat_module
 from ovla_jax.models.scan import scanned
@@ -95,6 +95,7 @@ class LlamaAttention(nn.Module):
         b, t, _ = x.shape
         n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         q = dense(n * h, (ax.EMBED, ax.HEADS), name="q_proj", **kw)(x).reshape(b, t, n, h)
+        q = constrain(q, ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None)
         key = dense(k * h, (ax.EMBED, ax.KV_HEADS), name="k_proj", **kw)(x).reshape(b, t, k, h)
         value = dense(k * h, (ax.EMBED, ax.KV_HEADS), name="v_proj", **kw)(x).reshape(b, t, k, h)
         q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
@@ -124,7 +125,8 @@ class LlamaMLP(nn.Module):
         f = self.cfg.intermediate_size
         gate = dense(f, (ax.EMBED, ax.MLP), name="gate_proj", **kw)(x)
         up = dense(f, (ax.EMBED, ax.MLP), name="up_proj", **kw)(x)
-        return dense(self.cfg.hidden_size, (ax.MLP, ax.EMBED), name="down_proj", **kw)(nn.silu(gate) * up)
+        hidden = constrain(nn.silu(gate) * up, ax.BATCH, ax.LENGTH, ax.ACT_MLP)
+        return dense(self.cfg.hidden_size, (ax.MLP, ax.EMBED), name="down_proj", **kw)(hidden)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -136,6 +138,7 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = constrain(x, ax.BATCH, ax.LENGTH, ax.ACT_EMBED)
         y, new_kv = LlamaAttention(cfg, name="self_attn", lora=self.lora, **kw)(
             RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x), cos, sin, mask, cache_kv, cache_index)
         x = x + y

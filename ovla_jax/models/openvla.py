@@ -17,7 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ovla_jax import sharding as ax
 from ovla_jax.models.config import OpenVLAConfig
+from ovla_jax.models.layers import constrain
 from ovla_jax.models.llama import KVCache, LlamaForCausalLM
 from ovla_jax.models.lora import LoRA
 from ovla_jax.models.projector import Projector
@@ -88,6 +90,7 @@ class OpenVLA(nn.Module):
         patches = self.embed_images(pixel_values)
         text = self.language_model.embed(input_ids).astype(patches.dtype)
         embeds = jnp.concatenate([text[:, :1], patches, text[:, 1:]], axis=1)
+        embeds = constrain(embeds, ax.BATCH, ax.LENGTH, ax.ACT_EMBED)
         patch_mask = jnp.ones(patches.shape[:2], bool)
         attention_mask = attention_mask.astype(bool)
         mask = jnp.concatenate([attention_mask[:, :1], patch_mask, attention_mask[:, 1:]], axis=1)

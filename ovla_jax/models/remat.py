@@ -2,7 +2,8 @@
 
 Trades compute for memory: with ``full`` only each block's input is kept for the backward pass; ``dots``
 keeps matmul outputs without a batch dimension (the usual LLM choice: recompute the cheap elementwise
-ops, keep the expensive ones). Param names are unchanged, so checkpoints are interchangeable.
+ops, keep the expensive ones); ``dots_all`` keeps the attention einsums too (more memory, less
+recompute). Param names are unchanged, so checkpoints are interchangeable.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,  # attention's batched einsums kept too
 }
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ovla_jax import sharding as ax
 from ovla_jax.models.config import ViTConfig
 from ovla_jax.models.lora import LoRA
-from ovla_jax.models.layers import attention, dense, exact_gelu, layer_norm
+from ovla_jax.models.layers import attention, constrain, dense, exact_gelu, layer_norm
 from ovla_jax.models.remat import remat_module
 from ovla_jax.models.scan import scanned
 
@@ -50,7 +50,7 @@ class MlpBlock(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         x = dense(self.hidden, (ax.EMBED, ax.MLP), name="fc1", **kw)(x)
-        x = exact_gelu(x)
+        x = exact_gelu(constrain(x, ax.BATCH, ax.LENGTH, ax.ACT_MLP))
         return dense(self.out, (ax.MLP, ax.EMBED), name="fc2", **kw)(x)
 
 
@@ -83,6 +83,7 @@ class ViTBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = constrain(x, ax.BATCH, ax.LENGTH, ax.ACT_EMBED)
         y = layer_norm(cfg.norm_eps, name="norm1", **kw)(x)
         y = SelfAttention(cfg.num_heads, name="attn", lora=self.lora, **kw)(y)
         if cfg.layerscale:

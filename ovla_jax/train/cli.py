@@ -11,7 +11,8 @@ import os
 import sys
 
 USAGE = ("usage: ovla-jax train --config configs/train/<name>.py[:variant] --workdir DIR "
-         "[--config.<field>=<value> ...] [--distributed] [--noprogress]")
+         "[--config.<field>=<value> ...] [--distributed [--coordinator HOST:PORT --num_processes N --process_id I]] "
+         "[--noprogress]")
 
 
 def _config_path(argv: list[str]):
@@ -34,38 +35,95 @@ def _add_config_root(path: str) -> None:
         here = os.path.dirname(here)
 
 
-def parse(argv: list[str]):
-    """-> (config, workdir, flags) or raises SystemExit(2) with a message."""
+def _underscored(arg: str) -> str:
+    """``--num-processes=2`` -> ``--num_processes=2`` (absl flags are underscored; both spellings work).
+    Config overrides (``--config.a_b=...``) and values are left alone."""
+    if not arg.startswith("--") or arg.startswith("--config"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
+
+
+def parse_config_flags(argv: list[str], verb: str, usage: str, define=None):
+    """``--config FILE[:variant]`` with ``--config.x=y`` overrides, plus the flags ``define(flag_values)``
+    adds -> the parsed FlagValues, or raises SystemExit(2) with a message naming the problem."""
     from absl import flags
     from ml_collections import config_flags
 
     path = _config_path(argv)
     if path is None:
-        print(f"train: error: --config is required\n{USAGE}", file=sys.stderr)
+        print(f"{verb}: error: --config is required\n{usage}", file=sys.stderr)
         raise SystemExit(2)
     if not os.path.isfile(path.split(":", 1)[0]):
-        print(f"train: error: config file {path.split(':', 1)[0]!r} not found", file=sys.stderr)
+        print(f"{verb}: error: config file {path.split(':', 1)[0]!r} not found", file=sys.stderr)
         raise SystemExit(2)
     _add_config_root(path)
     fv = flags.FlagValues()
-    args = ["ovla-jax train"] + list(argv)
-    config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv, lock_config=True,
+    args = [f"ovla-jax {verb}"] + [_underscored(a) for a in argv]
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True,
                                     sys_argv=args)  # overrides are read from these args, not sys.argv
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, TensorBoard, config)", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host pods)", flag_values=fv)
-    flags.DEFINE_bool("progress", True, "console progress bar", flag_values=fv)
+    if define is not None:
+        define(fv)
     try:
         fv(args)
     except flags.Error as e:
-        print(f"train: error: {e}\n{USAGE}", file=sys.stderr)
+        print(f"{verb}: error: {e}\n{usage}", file=sys.stderr)
         raise SystemExit(2) from None
     except (AttributeError, KeyError) as e:  # ml_collections: an override names no config field
-        print(f"train: error: config override names an unknown field: {e}", file=sys.stderr)
+        print(f"{verb}: error: config override names an unknown field: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ValueError as e:  # a config file's get_config() rejected its variant
+        print(f"{verb}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return fv
+
+
+def _define_train_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "run directory (local or gs://): checkpoints, TensorBoard, config",
+                        flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "multi-process run: jax.distributed.initialize(), auto-detected on "
+                      "TPU pods, GKE and SLURM unless --coordinator etc. are given", flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "host:port of process 0's coordination service (implies --distributed)",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator)", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes-1 (with --coordinator)",
+                         flag_values=fv)
+    flags.DEFINE_bool("progress", True, "console progress (a bar on a terminal, else a line every log_every steps)",
+                      flag_values=fv)
+
+
+def parse(argv: list[str]):
+    """-> (config, workdir, flags) or raises SystemExit(2) with a message."""
+    fv = parse_config_flags(argv, "train", USAGE, _define_train_flags)
     if not fv.workdir:
         print(f"train: error: --workdir is required\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     return fv.config, fv.workdir, fv
+
+
+def init_distributed(fv) -> None:
+    """``jax.distributed.initialize`` from explicit flags, or auto-detected (Cloud TPU VMs, GKE, SLURM,
+    Open MPI: JAX's own cluster detection). Raises SystemExit(2) on incomplete flags."""
+    import jax
+
+    explicit = [fv.coordinator, fv.num_processes, fv.process_id]
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            print("train: error: --coordinator, --num_processes and --process_id go together", file=sys.stderr)
+            raise SystemExit(2)
+        if not 0 <= fv.process_id < fv.num_processes:
+            print(f"train: error: --process_id {fv.process_id} is not in 0..{fv.num_processes - 1}", file=sys.stderr)
+            raise SystemExit(2)
+        jax.distributed.initialize(fv.coordinator, num_processes=fv.num_processes, process_id=fv.process_id)
+        return
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        print(f"train: error: --distributed could not detect a cluster (Cloud TPU, GKE, SLURM, Open MPI): {e}; "
+              f"pass --coordinator HOST:PORT --num_processes N --process_id I", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run(argv: list[str]) -> int:
@@ -74,10 +132,11 @@ def run(argv: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import jax
-
-    if fv.distributed:
-        jax.distributed.initialize()
+    try:
+        if fv.distributed or fv.coordinator:
+            init_distributed(fv)
+    except SystemExit as e:
+        return int(e.code or 0)
     from ovla_jax.checkpoints.errors import CheckpointError
     from ovla_jax.data.errors import DataError
     from ovla_jax.train.loop import ConfigError, train
@@ -87,5 +146,8 @@ def run(argv: list[str]) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
-    print(result.message)
+    import jax
+
+    if jax.process_index() == 0:  # the others' outcome is the same; process 0 reports it
+        print(result.message)
     return 1 if result.status == "nan" else 0

@@ -133,12 +133,14 @@ def build(config, model_cfg: OpenVLAConfig, num_datasets: int, devices=None) -> 
     opt = config.optimizer
     lr = O.schedule(opt.schedule, opt.lr, total_steps=config.num_steps, warmup_steps=opt.warmup_steps)
     try:
-        trainable = O.trainable_patterns(config.mode, model_cfg.llm.num_layers, scan)
+        patterns = O.trainable_patterns(config.mode, model_cfg.llm.num_layers, scan)
         tx = O.make_optimizer(abstract_params, lr_schedule=lr, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
-                              trainable=trainable, accumulate_steps=opt.accumulate_steps)
+                              trainable=patterns, accumulate_steps=opt.accumulate_steps)
+        mask = O.trainable_mask(abstract_params, patterns)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    trainer = Trainer(model, tx, mesh, num_datasets=num_datasets)
+    all_train = all(jax.tree.leaves(mask))
+    trainer = Trainer(model, tx, mesh, num_datasets=num_datasets, trainable=None if all_train else mask)
     return TrainSetup(model_cfg, model, lora, tx, lr, mesh, trainer, example)
 
 

@@ -44,6 +44,13 @@ def trainable_labels(params, patterns: Sequence[str]):
     return traverse_util.unflatten_dict(labels)
 
 
+def trainable_mask(params, patterns: Sequence[str]):
+    """Tree of bools matching ``params``: True where the param trains (see :func:`trainable_labels`)."""
+    import jax
+
+    return jax.tree.map(lambda label: label == "train", trainable_labels(params, patterns))
+
+
 def schedule(kind: str, lr: float, total_steps: int = 1, warmup_steps: int = 0, end_fraction: float = 0.0):
     if kind == "constant":
         return optax.constant_schedule(lr)

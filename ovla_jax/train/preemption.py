@@ -1,11 +1,11 @@
 """Stop at the same step on every process when any of them is told to stop (SIGTERM, or a TPU
 maintenance / preemption notice), so all save one consistent checkpoint and exit cleanly.
 
-Multi-process runs use JAX's preemption service (started by ``jax.distributed.initialize``): it
-catches SIGTERM in any process, agrees on a step in the background through the coordination service,
-and ``reached_preemption_sync_point(step)`` turns true at that step on every process, without a
-collective per step. A Python SIGTERM handler would replace the service's, so none is installed then.
-A single process catches SIGTERM itself.
+Distributed runs (``jax.distributed.initialize``, one process or many) use JAX's preemption service:
+it catches SIGTERM in any process, agrees on a step in the background through the coordination
+service, and ``reached_preemption_sync_point(step)`` turns true at that step on every process, without
+a collective per step. A Python SIGTERM handler would replace the service's, so none is installed
+then. A plain single-process run catches SIGTERM itself.
 """
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ class PreemptionWatch:
     def __init__(self):
         self.signalled = False
         self._previous = None
-        self.multi_process = jax.process_count() > 1
+        self.service = _preemption_service_running()
 
     def __enter__(self):
-        if self.multi_process:
-            if not _preemption_service_running():
-                raise RuntimeError("a multi-process run needs JAX's preemption service (jax.distributed.initialize "
-                                   "with jax_enable_preemption_service on) to stop all processes at one step")
+        if self.service:
             return self
+        if jax.process_count() > 1:
+            raise RuntimeError("a multi-process run needs JAX's preemption service (jax.distributed.initialize "
+                               "with jax_enable_preemption_service on) to stop all processes at one step")
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler, the run still works
@@ -54,7 +54,7 @@ class PreemptionWatch:
 
     def reached(self, step: int) -> bool:
         """Whether this is the step at which every process stops (and saves)."""
-        if self.multi_process:
+        if self.service:
             from jax.experimental import multihost_utils
 
             return bool(multihost_utils.reached_preemption_sync_point(step))

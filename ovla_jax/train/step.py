@@ -78,14 +78,28 @@ def loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_labels: int, nu
     return loss, metrics
 
 
-def train_step(state: TrainState, batch: dict, *, model: OpenVLA, tx, num_labels: int, num_datasets: int):
-    grad_fn = jax.value_and_grad(partial(loss_and_metrics, model=model, num_labels=num_labels,
-                                         num_datasets=num_datasets), has_aux=True)
+def train_step(state: TrainState, batch: dict, *, model: OpenVLA, tx, num_labels: int, num_datasets: int,
+               trainable=None):
+    """One update. ``trainable`` (a tree of bools like the params, None = all) marks what trains: frozen
+    params enter the loss through ``stop_gradient``, so their weight gradients (a third of a full
+    step's FLOPs, and memory) are never computed; their optimizer update is zero anyway."""
+    loss_fn = partial(loss_and_metrics, model=model, num_labels=num_labels, num_datasets=num_datasets)
+    if trainable is not None:
+        loss_fn = _frozen_outside(loss_fn, trainable)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch=batch, rng=jax.random.fold_in(state.rng, state.step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _frozen_outside(loss_fn, trainable):
+    def wrapped(params, **kwargs):
+        params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+        return loss_fn(params, **kwargs)
+
+    return wrapped
 
 
 def eval_step(params, batch: dict, *, model: OpenVLA, num_labels: int, num_datasets: int):
@@ -116,6 +130,7 @@ class Trainer:
     mesh: Any
     num_labels: int = 8  # 7 action tokens + EOS
     num_datasets: int = 1
+    trainable: Any = None  # tree of bools like the params (optimizer.trainable_mask); None = all train
 
     def state_shardings(self, abstract_state: TrainState, boxed_params):
         from ovla_jax import sharding
@@ -164,14 +179,24 @@ class Trainer:
         _, shardings = self.abstract_state(rng, example_batch)
         return jax.jit(lambda r, p: self._make_state(r, example_batch, p), out_shardings=shardings)(rng, params)
 
+    def _on_mesh(self, fn):
+        """``fn`` traced with the activation sharding rules over this mesh (see ``sharding.activation_rules``)."""
+        from ovla_jax import sharding
+
+        def traced(*args):
+            with sharding.activation_rules(self.mesh):
+                return fn(*args)
+
+        return traced
+
     def compile_step(self, batch_sharding):
         step = partial(train_step, model=self.model, tx=self.tx, num_labels=self.num_labels,
-                       num_datasets=self.num_datasets)
-        self.step = jax.jit(step, in_shardings=(self.shardings, batch_sharding), out_shardings=(self.shardings, None),
-                            donate_argnums=(0,))
+                       num_datasets=self.num_datasets, trainable=self.trainable)
+        self.step = jax.jit(self._on_mesh(step), in_shardings=(self.shardings, batch_sharding),
+                            out_shardings=(self.shardings, None), donate_argnums=(0,))
         return self.step
 
     def compile_eval(self, batch_sharding):
         fn = partial(eval_step, model=self.model, num_labels=self.num_labels, num_datasets=self.num_datasets)
-        self.eval = jax.jit(fn, in_shardings=(self.shardings.params, batch_sharding))
+        self.eval = jax.jit(self._on_mesh(fn), in_shardings=(self.shardings.params, batch_sharding))
         return self.eval

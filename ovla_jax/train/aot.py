@@ -1,0 +1,126 @@
+"""Ahead-of-time compilation of the real train step for a TPU slice, on any host (no TPU needed).
+
+The step is the one ``ovla-jax train`` runs: :func:`ovla_jax.train.loop.build` makes the model,
+optimizer, mesh and Trainer from the same config, over the slice's compile-only devices, and the
+jitted step is lowered with abstract (shape-only) state and batch. XLA then reports per-chip memory
+and, from its TPU cost model, FLOPs and an estimated step time.
+
+XLA's cost analysis counts a loop body once, so with scanned layers its FLOPs and time cover one
+layer per stack. The estimate then comes from shallow unrolled compiles, extrapolated per layer: a
+base with 2 layers in every stack (LLM, each vision tower's blocks up to the feature block) and one
+compile per stack with 4; each stack's per-layer cost is (T4 - T2) / 2. Memory always comes from the
+real (scanned) program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from ovla_jax.models.config import OpenVLAConfig
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    lower_seconds: float
+    compile_seconds: float
+    argument_bytes: int  # per chip
+    output_bytes: int
+    alias_bytes: int  # outputs that reuse donated argument buffers
+    temp_bytes: int
+    code_bytes: int
+    xla_flops: Optional[float]  # per chip, as XLA counts them (loop bodies once)
+    xla_seconds: Optional[float]  # XLA's estimated step time ("optimal_seconds")
+
+    @property
+    def seconds(self) -> float:
+        return self.lower_seconds + self.compile_seconds
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak HBM per chip: arguments + outputs that are not aliased to them + temporaries + code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+
+def compile_train_step(config, model_cfg: OpenVLAConfig, devices, num_datasets: int) -> CompiledStep:
+    """Lower and compile ``config``'s train step over ``devices`` (compile-only TPU devices)."""
+    from ovla_jax import sharding
+    from ovla_jax.train.loop import build
+
+    setup = build(config, model_cfg, num_datasets, devices)
+    abstract, _ = setup.trainer.abstract_state(jax.random.PRNGKey(0), setup.example)
+    step = setup.trainer.compile_step(sharding.batch_sharding(setup.mesh))
+    batch = setup.batch_spec(config.batch_size, config.max_length)
+    start = time.perf_counter()
+    lowered = step.lower(abstract, batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    return CompiledStep(
+        lower_seconds=lowered_at - start, compile_seconds=done - lowered_at,
+        argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
+        code_bytes=int(memory.generated_code_size_in_bytes),
+        xla_flops=float(cost["flops"]) if "flops" in cost else None,
+        xla_seconds=float(cost["optimal_seconds"]) if "optimal_seconds" in cost else None)
+
+
+def stack_depths(model_cfg: OpenVLAConfig) -> dict[str, int]:
+    """Layers that run per stack: the LLM's, and each tower's blocks up to its feature block."""
+    depths = {"llm": model_cfg.llm.num_layers}
+    for i, tower in enumerate(model_cfg.vision):
+        depths[f"tower{i}"] = tower.feature_block + 1
+    return depths
+
+
+def with_depths(model_cfg: OpenVLAConfig, depths: dict[str, int]) -> OpenVLAConfig:
+    """``model_cfg`` with the given running depth per stack (a tower keeps one unused block after its
+    feature block, as the real ones do)."""
+    towers = tuple(dataclasses.replace(t, depth=depths[f"tower{i}"] + 1, feature_layer=-2)
+                   for i, t in enumerate(model_cfg.vision))
+    return dataclasses.replace(model_cfg, vision=towers,
+                               llm=dataclasses.replace(model_cfg.llm, num_layers=depths["llm"]))
+
+
+@dataclasses.dataclass
+class Estimate:
+    xla_flops: float  # per chip
+    xla_seconds: float
+    how: str
+    compile_seconds: float  # spent on the estimate's compiles
+
+
+def extrapolate(config, model_cfg: OpenVLAConfig, devices, num_datasets: int, log=print,
+                base: int = 2, step: int = 2) -> Estimate:
+    """XLA's per-chip FLOPs and step time of the full-depth unrolled step, from shallow unrolled compiles."""
+    unrolled = config.copy_and_resolve_references()
+    with unrolled.unlocked():
+        unrolled.scan_layers = False
+    full = stack_depths(model_cfg)
+    names = list(full)
+    points, spent = {}, 0.0
+    for grow in [None] + names:
+        depths = {n: base + (step if n == grow else 0) for n in names}
+        log(f"  estimate: compiling the unrolled step with {', '.join(f'{n} {d}' for n, d in depths.items())} layers")
+        out = compile_train_step(unrolled, with_depths(model_cfg, depths), devices, num_datasets)
+        if out.xla_flops is None or out.xla_seconds is None:
+            raise RuntimeError("XLA reported no cost analysis for this platform")
+        # A non-positive time would poison the extrapolation; it propagates as NaN and is reported unusable.
+        if not out.xla_seconds > 0:
+            out.xla_seconds = float("nan")
+        points[grow] = (out.xla_flops, out.xla_seconds)
+        spent += out.seconds
+    flops, seconds = points[None]
+    for n in names:
+        per_layer = (np.subtract(points[n], points[None]) / step)
+        flops += per_layer[0] * (full[n] - base)
+        seconds += per_layer[1] * (full[n] - base)
+    how = (f"extrapolated from {len(points)} shallow unrolled compiles ({base} layers per stack, +{step} per stack)")
+    return Estimate(float(flops), float(seconds), how, spent)
