@@ -3,7 +3,7 @@
 Local paths use the standard library; URLs go through ``tf.io.gfile`` (TensorFlow ships the GCS file
 system), imported only when a URL is used. Orbax (tensorstore / epath), TensorBoard and tfds handle
 ``gs://`` themselves; this module covers ovla-jax's own files: run config, metrics, checkpoint
-metadata and listings. Object stores cannot append or rename atomically in every case, so writes go
+metadata and listings, and reading converted checkpoints (``init_checkpoint`` on GCS). Object stores cannot append or rename atomically in every case, so writes go
 to a temp name and are renamed into place (GCS renames are copy + delete: readers never see a partial
 file), and appending logs rewrite their file (see :class:`LineLog`).
 """
@@ -43,6 +43,14 @@ def listdir(path: str) -> list[str]:
     """Entry names (no trailing slashes, which gfile adds to GCS "directories")."""
     names = _gfile().listdir(path) if is_url(path) else os.listdir(path)
     return [n.rstrip("/") for n in names]
+
+
+def isfile(path: str) -> bool:
+    return exists(path) and not isdir(path)
+
+
+def size(path: str) -> int:
+    return _gfile().stat(path).length if is_url(path) else os.path.getsize(path)
 
 
 def makedirs(path: str) -> None:

@@ -54,3 +54,37 @@ def test_train_checkpoints_resolve_and_read_meta_at_a_url():
     step_dir = resolve("ram://fileio-test/ckpt")
     assert step_dir == fileio.join(ckpts, "10") and read_meta(step_dir) == {"step": 10}
     assert resolve("ram://fileio-test/ckpt", 5).endswith("/5")
+
+
+def test_converted_checkpoint_at_a_url_loads_into_shards(tmp_path):
+    """``init_checkpoint`` on GCS: every host of a pod reads the same converted checkpoint."""
+    import jax
+    import numpy as np
+    from flax import traverse_util
+    from flax.linen import meta
+
+    from ovla_jax import sharding
+    from ovla_jax.checkpoints.jax_format import save_jax_checkpoint
+    from ovla_jax.checkpoints.sharded import load_sharded_params
+    from ovla_jax.models.openvla import OpenVLA
+    from tests.conftest import tiny_config
+    from tests.helpers import random_params
+
+    config = tiny_config()
+    params = random_params(config, seed=7)
+    local = tmp_path / "ckpt"
+    save_jax_checkpoint(str(local), config, params)
+    url = "ram://fileio-test/ckpt"
+    fileio.makedirs(url)
+    for name in fileio.listdir(str(local)):
+        tf.io.gfile.copy(str(local / name), fileio.join(url, name), overwrite=True)
+    model = OpenVLA(config, scan_layers=True)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 6), np.float32),
+                                              np.zeros((1, 8), np.int32))["params"])
+    shardings = sharding.param_shardings(boxed, sharding.make_mesh({"fsdp": -1}))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), meta.unbox(boxed), shardings)
+    loaded = traverse_util.flatten_dict(jax.device_get(load_sharded_params(url, target)))
+    from ovla_jax.models.scan import stack_layers
+
+    want = traverse_util.flatten_dict(stack_layers(params))
+    assert loaded.keys() == want.keys() and all(np.array_equal(loaded[k], want[k]) for k in want)

@@ -158,6 +158,9 @@ def test_train_cli_reports_bad_configs(tmp_path, capsys):
          "/nonexistent/bridge_dataset not found"),
         (["--config", cfg, "--workdir", str(tmp_path / "w"), "--config.mode=lora"], "lora.rank > 0"),
         (["--config", cfg, "--workdir", str(tmp_path), "--config.no_such_field=1"], "no_such_field"),
+        (["--config", cfg, "--workdir", str(tmp_path), "--coordinator", "127.0.0.1:1"], "go together"),
+        (["--config", cfg, "--workdir", str(tmp_path), "--coordinator=127.0.0.1:1", "--num-processes=2",
+          "--process-id=5"], "--process_id 5 is not in 0..1"),
     ]
     for argv, message in cases:
         assert main(["train"] + argv) == 2, argv

@@ -30,6 +30,7 @@ import numpy as np
 from flax import traverse_util
 from flax.linen import meta
 
+from ovla_jax import fileio
 from ovla_jax.checkpoints.safetensors_io import dtype_from_name
 from ovla_jax.checkpoints.tensor_dir import TensorDir, read_json, write_tensor_dir
 from ovla_jax.checkpoints.errors import CheckpointError
@@ -145,9 +146,9 @@ INDEX_FILE = f"{HF.stem}.safetensors.index.json"
 
 def read_config(path: str) -> tuple[OpenVLAConfig, dict]:
     """(config, norm_stats) from a checkpoint directory's config.json."""
-    if not os.path.isdir(path):
+    if not fileio.isdir(path):
         raise CheckpointError(f"{path}: checkpoint directory not found")
-    file = os.path.join(path, CONFIG_FILE)
+    file = fileio.join(path, CONFIG_FILE)
     return config_from_hf(read_json(file), file)
 
 

@@ -5,16 +5,16 @@ restore can read just each device's slice; orbax holds training state (params + 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
+from ovla_jax import fileio
 from ovla_jax.checkpoints import hf
 from ovla_jax.models.config import OpenVLAConfig
 
 
 def is_jax_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, hf.CONFIG_FILE)) and any(
-        f.startswith(hf.JAX.stem) and f.endswith(".safetensors") for f in os.listdir(path))
+    return fileio.isfile(fileio.join(path, hf.CONFIG_FILE)) and any(
+        f.startswith(hf.JAX.stem) and f.endswith(".safetensors") for f in fileio.listdir(path))
 
 
 def save_jax_checkpoint(path: str, config: OpenVLAConfig, params: dict, norm_stats: Optional[dict] = None,

@@ -7,13 +7,13 @@ Peak memory is one tensor, whatever the checkpoint size.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from typing import Callable, Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
 
+from ovla_jax import fileio
 from ovla_jax.checkpoints.errors import CheckpointError
 
 _DTYPE_NAMES = {
@@ -41,8 +41,8 @@ def dtype_from_name(name: str) -> np.dtype:
 def read_header(path: str) -> dict:
     """The JSON header of a safetensors file: {key: {dtype, shape, data_offsets}}, validated."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        size = fileio.size(path)
+        with fileio.open_file(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise CheckpointError(f"{path}: corrupt safetensors file (shorter than its 8-byte header size)")
@@ -81,7 +81,7 @@ def read_tensor(path: str, key: str, header: dict | None = None) -> np.ndarray:
         raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
     dtype = _NAME_DTYPES[info["dtype"]]
     begin, end = info["data_offsets"]
-    with open(path, "rb") as f:
+    with fileio.open_file(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         f.seek(8 + n + begin)
         buf = f.read(end - begin)

@@ -1,5 +1,6 @@
 """A directory of safetensors shards (one file, or many plus a JSON index) read and written one tensor
 at a time. Both checkpoint formats use it: HF names for the PyTorch layout, Flax paths for ovla-jax.
+Reading works at a URL too (``gs://``: one converted checkpoint that every host of a pod reads).
 """
 from __future__ import annotations
 
@@ -33,12 +34,12 @@ class TensorDir:
 
     def __init__(self, path: str, stem: str):
         self.path, self.stem = path, stem
-        if not os.path.isdir(path):
+        if not fileio.isdir(path):
             raise CheckpointError(f"{path}: checkpoint directory not found")
         self.headers: dict[str, dict] = {}
         self.files: dict[str, str] = {}  # key -> file path
-        index = os.path.join(path, f"{stem}.safetensors.index.json")
-        if os.path.exists(index):
+        index = fileio.join(path, f"{stem}.safetensors.index.json")
+        if fileio.exists(index):
             self._from_index(index)
         else:
             self._from_files()
@@ -53,8 +54,8 @@ class TensorDir:
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: has no 'weight_map' object")
         for key, name in weight_map.items():
-            file = os.path.join(self.path, name)
-            if file not in self.headers and not os.path.isfile(file):
+            file = fileio.join(self.path, name)
+            if file not in self.headers and not fileio.isfile(file):
                 raise CheckpointError(f"{index}: lists {name!r} (for {key!r}), which does not exist")
             if key not in self._header(file):
                 raise CheckpointError(f"{file}: the index places {key!r} here, but the file lacks it")
@@ -65,13 +66,14 @@ class TensorDir:
                     raise CheckpointError(f"{file}: holds {key!r}, which the index does not list")
 
     def _from_files(self) -> None:
-        names = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors") and f.startswith(self.stem))
+        listing = fileio.listdir(self.path)
+        names = sorted(f for f in listing if f.endswith(".safetensors") and f.startswith(self.stem))
         if not names:
-            others = [f for f in os.listdir(self.path) if f.endswith((".bin", ".pt", ".pth", ".safetensors"))]
+            others = [f for f in listing if f.endswith((".bin", ".pt", ".pth", ".safetensors"))]
             hint = f" (found {others})" if others else ""
             raise CheckpointError(f"{self.path}: no {self.stem}*.safetensors weights{hint}")
         for name in names:
-            file = os.path.join(self.path, name)
+            file = fileio.join(self.path, name)
             for key in self._header(file):
                 if key == "__metadata__":
                     continue

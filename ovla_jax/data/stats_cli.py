@@ -28,8 +28,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         names = [n for n, _ in usable_datasets(args.dataset)] if args.dataset in MIXTURES else [args.dataset]
-        stats = {name: dataset_stats(traj.open_builder(args.data_dir, name), get_spec(name),
-                                     args.cache_dir or DEFAULT_CACHE, progress=True) for name in names}
+        specs = {name: get_spec(name) for name in names}  # unknown names fail before any data is read
+        stats = {name: dataset_stats(traj.open_builder(args.data_dir, name), spec, args.cache_dir or DEFAULT_CACHE,
+                                     progress=True) for name, spec in specs.items()}
     except DataError as e:
         print(f"stats: error: {e}", file=sys.stderr)
         return 2

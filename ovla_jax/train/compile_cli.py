@@ -35,7 +35,9 @@ def _model_config(config):
     from ovla_jax.models.config import from_config_dict
 
     init = config.get("init_checkpoint")
-    if init and os.path.isfile(os.path.join(init, "config.json")):
+    from ovla_jax import fileio
+
+    if init and fileio.isfile(fileio.join(init, "config.json")):
         from ovla_jax.checkpoints.hf import read_config
 
         return read_config(init)[0]
