@@ -3,6 +3,7 @@
 # multi-host rehearsal of a pod run (data shares per process, orbax saves from every process, SIGTERM to
 # any one process stops all at the same step), on a laptop.
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -47,13 +48,7 @@ if [ -z "$PORT" ]; then
   PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 if [ -z "$LOG_DIR" ]; then
-  WORKDIR=""
-  for ((i = 0; i < ${#TRAIN_ARGS[@]}; i++)); do
-    case "${TRAIN_ARGS[$i]}" in
-      --workdir=*) WORKDIR="${TRAIN_ARGS[$i]#--workdir=}";;
-      --workdir) WORKDIR="${TRAIN_ARGS[$((i + 1))]:-}";;
-    esac
-  done
+  WORKDIR="$(workdir_of "${TRAIN_ARGS[@]}")"
   if [ -n "$WORKDIR" ] && [[ "$WORKDIR" != *://* ]]; then LOG_DIR="$WORKDIR/logs"; else LOG_DIR="logs"; fi
 fi
 
@@ -70,7 +65,7 @@ command_for() {  # the command line of process $1
 if [ "$DRY_RUN" = 1 ]; then
   for ((i = 0; i < N; i++)); do
     command_for "$i"
-    printf '%q ' "${CMD[@]}"; printf '> %q 2>&1 &\n' "$LOG_DIR/process-$i.log"
+    printf '%q ' "${CMD[@]}"; printf '>> %q 2>&1 &\n' "$LOG_DIR/process-$i.log"
   done
   exit 0
 fi

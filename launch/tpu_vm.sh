@@ -3,6 +3,7 @@
 # worker, train on every worker, read the logs, ssh, stop, delete. Every command is printed before it
 # runs; --dry-run prints them and runs nothing.
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -78,10 +79,6 @@ GLOBAL=(--zone "$ZONE")
 [ -n "$PROJECT" ] && GLOBAL+=(--project "$PROJECT")
 SSH=(gcloud compute tpus tpu-vm ssh "$NAME" "${GLOBAL[@]}")
 
-run() {  # print a command (shell-quoted, copy-pasteable), then run it unless --dry-run
-  printf '%q ' "$@"; printf '\n'
-  if [ "$DRY_RUN" = 0 ]; then "$@"; fi
-}
 
 default_runtime() {
   case "$1" in
@@ -121,13 +118,7 @@ case "$VERB" in
     ;;
   train)
     [ ${#TRAIN_ARGS[@]} -gt 0 ] || { echo "tpu_vm.sh: train needs train arguments after -- (--config ... --workdir gs://...)" >&2; exit 2; }
-    WORKDIR=""
-    for ((i = 0; i < ${#TRAIN_ARGS[@]}; i++)); do
-      case "${TRAIN_ARGS[$i]}" in
-        --workdir=*) WORKDIR="${TRAIN_ARGS[$i]#--workdir=}";;
-        --workdir) WORKDIR="${TRAIN_ARGS[$((i + 1))]:-}";;
-      esac
-    done
+    WORKDIR="$(workdir_of "${TRAIN_ARGS[@]}")"
     [ -n "$WORKDIR" ] || { echo "tpu_vm.sh: the train arguments need --workdir gs://BUCKET/RUN" >&2; exit 2; }
     if [[ "$WORKDIR" != gs://* ]] && [ "$ALLOW_LOCAL" = 0 ]; then
       echo "tpu_vm.sh: --workdir $WORKDIR is not on GCS; the workers of a slice share nothing but GCS, so every" \

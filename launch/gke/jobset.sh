@@ -3,6 +3,7 @@
 # `ovla-jax train --distributed` (JAX finds its peers from the TPU env GKE injects). `render` prints the
 # manifest; `apply` / `delete` / `logs` drive kubectl; --dry-run prints the commands (and the manifest).
 set -euo pipefail
+. "$(dirname "$0")/../common.sh"
 
 usage() {
   cat <<'EOF2'
@@ -62,22 +63,13 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$NAME" ] || { echo "jobset.sh: --name is required" >&2; exit 2; }
 
-run() {
-  printf '%q ' "$@"; printf '\n'
-  if [ "$DRY_RUN" = 0 ]; then "$@"; fi
-}
 
 render() {
   [ -n "$TYPE" ] || { echo "jobset.sh: --accelerator-type is required" >&2; return 2; }
   [ -n "$IMAGE" ] || { echo "jobset.sh: --image is required" >&2; return 2; }
   [ ${#TRAIN_ARGS[@]} -gt 0 ] || { echo "jobset.sh: train arguments are required after -- (--config ... --workdir gs://...)" >&2; return 2; }
-  local workdir="" i
-  for ((i = 0; i < ${#TRAIN_ARGS[@]}; i++)); do
-    case "${TRAIN_ARGS[$i]}" in
-      --workdir=*) workdir="${TRAIN_ARGS[$i]#--workdir=}";;
-      --workdir) workdir="${TRAIN_ARGS[$((i + 1))]:-}";;
-    esac
-  done
+  local workdir
+  workdir="$(workdir_of "${TRAIN_ARGS[@]}")"
   [[ "$workdir" == gs://* ]] || { echo "jobset.sh: --workdir must be a gs:// path (pods share nothing but GCS), got '$workdir'" >&2; return 2; }
   local root; root="$(cd "$(dirname "$0")/../.." && pwd)"
   # chips per host and the GKE names of the slice, from the one topology table
