@@ -3,8 +3,8 @@ workdir may be a ``gs://`` URL), W&B when configured and installed, and the cons
 
 On a terminal the console shows a tqdm bar (step, steps/s, ETA; loss, accuracy in its postfix). A
 bar redraws with carriage returns, which in a log file (CI, launch scripts, SLURM, ``tee``) is one
-endless line, so when stderr is not a terminal a plain progress line is printed at each metrics write
-(every ``log_every`` steps) instead.
+endless line, so unless both stdout and stderr are terminals a plain progress line is printed (on
+stdout) at each metrics write (every ``log_every`` steps) instead.
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ class Reporter:
 
         self.tb = tf.summary.create_file_writer(fileio.join(workdir, "tensorboard"))
         self.jsonl = fileio.LineLog(fileio.join(workdir, "metrics.jsonl"))  # one JSON object per write
-        interactive = sys.stderr.isatty() if interactive is None else interactive
+        if interactive is None:  # the bar draws on stderr; a redirected stdout (| tee, a log file) wants lines
+            interactive = sys.stderr.isatty() and sys.stdout.isatty()
         if progress and interactive:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
         self.lines = progress and not interactive
