@@ -96,3 +96,33 @@ def unnormalize_normal(actions, stats: Mapping[str, Any], xp=np):
     mean, std = _stats_arrays(stats, ("mean", "std"), xp)
     actions = xp.asarray(actions, dtype=xp.float32)
     return xp.where(_mask(stats, actions, xp), actions * (std + NORM_EPS) + mean, actions)
+
+
+NORMALIZATIONS = ("bounds_q99", "bounds", "normal")
+
+
+def _as_bounds(stats: Mapping[str, Any]) -> dict:
+    """BOUNDS (ALOHA in OFT) is BOUNDS_Q99 with min/max in place of the 1st/99th percentiles."""
+    return dict(stats, q01=stats["min"], q99=stats["max"])
+
+
+def normalize(actions, stats: Mapping[str, Any], kind: str = "bounds_q99", xp=np):
+    """Normalize by name: ``bounds_q99`` (OpenVLA), ``bounds`` (min/max), ``normal`` (mean/std)."""
+    if kind == "bounds_q99":
+        return normalize_bounds_q99(actions, stats, xp=xp)
+    if kind == "bounds":
+        return normalize_bounds_q99(actions, _as_bounds(stats), xp=xp)
+    if kind == "normal":
+        return normalize_normal(actions, stats, xp=xp)
+    raise ValueError(f"unknown normalization {kind!r}; choose from {NORMALIZATIONS}")
+
+
+def unnormalize(actions, stats: Mapping[str, Any], kind: str = "bounds_q99", xp=np):
+    """Inverse of :func:`normalize`."""
+    if kind == "bounds_q99":
+        return unnormalize_bounds_q99(actions, stats, xp=xp)
+    if kind == "bounds":
+        return unnormalize_bounds_q99(actions, _as_bounds(stats), xp=xp)
+    if kind == "normal":
+        return unnormalize_normal(actions, stats, xp=xp)
+    raise ValueError(f"unknown normalization {kind!r}; choose from {NORMALIZATIONS}")

@@ -1,10 +1,13 @@
 """``ovla-jax demo``: the main job end to end on a laptop CPU, with nothing downloaded.
 
-1. Writes expert demonstrations of the built-in tabletop tasks as an RLDS dataset (``ovla_tabletop``).
-2. Trains a tiny OpenVLA (tiny DINOv2 + SigLIP towers, tiny Llama, the built-in character tokenizer)
-   through the real data pipeline and ``ovla-jax train`` loop (checkpoints, TensorBoard, resume).
-3. Rolls the trained policy out in closed loop next to a random-action baseline and the expert, and
-   writes ``summary.json``, ``loss_curve.png`` and ``filmstrip.png`` into the workdir.
+1. Writes expert demonstrations of the built-in tabletop tasks as an RLDS dataset (``ovla_tabletop``:
+   third-person and wrist images, gripper state).
+2. Trains two tiny policies (tiny DINOv2 + SigLIP towers, tiny Llama, the built-in word tokenizer)
+   through the real data pipeline and ``ovla-jax train`` loop (checkpoints, TensorBoard, resume): the
+   OpenVLA-OFT policy (parallel decoding, a chunk of 8 actions from the L1 head, both cameras and the
+   proprio token) and, for comparison, the autoregressive OpenVLA (7 greedy tokens, third-person image).
+3. Rolls both out in closed loop next to a random-action baseline and the expert, and writes
+   ``summary.json``, ``loss_curve.png`` and ``filmstrip.png`` into the workdir.
 
 Re-running with the same workdir reuses the dataset and resumes / reuses the training run
 (``--fresh`` starts over). ``--quick`` is the seconds-long smoke run used by the tests.
@@ -18,25 +21,31 @@ import shutil
 import sys
 import time
 
-DEFAULTS = dict(episodes=800, steps=6000, batch_size=32, eval_episodes=50)
-QUICK = dict(episodes=24, steps=6, batch_size=8, eval_episodes=3)
+DEFAULTS = dict(episodes=800, steps=3000, ar_steps=3000, batch_size=32, eval_episodes=50)
+QUICK = dict(episodes=24, steps=6, ar_steps=6, batch_size=8, eval_episodes=3)
+OFT = dict(action_head="l1", chunk=8, num_images=2, proprio_dim=3)  # the demo's OFT policy
+POLICIES = ("oft", "openvla")  # the trained rows: OFT (main), autoregressive OpenVLA
 
 
-def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0):
-    """The demo's training config (also ``configs/train/demo.py``): the ``tiny`` model at 56px."""
+def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, policy: str = "oft"):
+    """The demo's training config (also ``configs/train/demo.py``): the ``tiny`` model at 56px, as the
+    OFT policy (``policy="oft"``) or the autoregressive OpenVLA (``"openvla"``)."""
     import ml_collections
 
     from ovla_jax.sim.dataset import DATASET_NAME
 
+    if policy not in POLICIES:
+        raise ValueError(f"unknown demo policy {policy!r}; choose from {POLICIES}")
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
         variant="tiny", vision_backbone_id="dinosiglip-vit-tiny", llm_backbone_id="llama2-tiny", image_size=56,
         llm=dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=None, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048),
-        vision_overrides=dict(layerscale_init=0.1), pad_token_id=320, pad_to_multiple_of=64, n_action_bins=256))
+        vision_overrides=dict(layerscale_init=0.1), pad_token_id=320, pad_to_multiple_of=64, n_action_bins=256,
+        **(OFT if policy == "oft" else {})))
     c.init_checkpoint = ""
     c.tokenizer = "words"  # one token per word: the tiny LLM sees "red" as one symbol
-    c.max_length = 32
+    c.max_length = 80 if policy == "oft" else 32  # OFT: + 8 x 7 action slots + the stop token
     c.data = ml_collections.ConfigDict(dict(
         data_dir=data_dir, mixture=DATASET_NAME, augment=False, shuffle_buffer=10_000, threads=2, window=1,
         skip_unlabeled=True, normalization="bounds_q99", stats_cache_dir=os.path.join(data_dir, "stats")))
@@ -65,7 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), "workdir", "demo"))
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny dataset, a few steps)")
     p.add_argument("--episodes", type=int, help=f"expert episodes to write (default {DEFAULTS['episodes']})")
-    p.add_argument("--steps", type=int, help=f"training steps (default {DEFAULTS['steps']})")
+    p.add_argument("--steps", type=int, help=f"training steps of the OFT policy (default {DEFAULTS['steps']})")
+    p.add_argument("--ar-steps", type=int, help=f"training steps of the autoregressive OpenVLA (default "
+                   f"{DEFAULTS['ar_steps']}; 0 leaves its row out)")
+    p.add_argument("--execute", type=int, help="steps of each OFT chunk to run before re-planning (default: all 8)")
     p.add_argument("--batch-size", type=int, help=f"global batch (default {DEFAULTS['batch_size']})")
     p.add_argument("--eval-episodes", type=int, help=f"closed-loop episodes per task (default {DEFAULTS['eval_episodes']})")
     p.add_argument("--seed", type=int, default=0)
@@ -84,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     s = _settings(args)
     progress = not args.noprogress
     workdir = os.path.abspath(args.workdir)
-    data_dir, run_dir = os.path.join(workdir, "data"), os.path.join(workdir, "run")
+    data_dir = os.path.join(workdir, "data")
+    run_dirs = {"oft": os.path.join(workdir, "run_oft"), "openvla": os.path.join(workdir, "run_openvla")}
     os.makedirs(workdir, exist_ok=True)
 
     from ovla_jax.sim import dataset
@@ -103,58 +116,80 @@ def run(args: argparse.Namespace) -> int:
 
     from ovla_jax.train.loop import train
 
-    if args.fresh and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
-    say(f"[2/3] training a tiny OpenVLA for {s['steps']} steps (batch {s['batch_size']}): {run_dir}")
-    t = time.time()
-    result = train(demo_config(data_dir, s["steps"], s["batch_size"], args.seed), run_dir, progress=progress)
-    train_time = time.time() - t
-    if result.status != "done":
-        print(f"demo: training stopped: {result.message}", file=sys.stderr)
-        return 1
+    steps = {"oft": s["steps"], "openvla": s["ar_steps"]}
+    trained = [p for p in POLICIES if steps[p] > 0]
+    if "oft" not in trained:
+        print("demo: --steps must be > 0 (the OFT policy is the demo's main result)", file=sys.stderr)
+        return 2
+    results_train = {}
+    for policy_name in trained:
+        run_dir = run_dirs[policy_name]
+        if args.fresh and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)
+        label = "OpenVLA-OFT (L1 head, chunk 8, wrist + proprio)" if policy_name == "oft" else \
+            "autoregressive OpenVLA (7 tokens)"
+        say(f"[2/3] training the {label} for {steps[policy_name]} steps (batch {s['batch_size']}): {run_dir}")
+        t = time.time()
+        result = train(demo_config(data_dir, steps[policy_name], s["batch_size"], args.seed, policy_name), run_dir,
+                       progress=progress)
+        if result.status != "done":
+            print(f"demo: training the {policy_name} policy stopped: {result.message}", file=sys.stderr)
+            return 1
+        last = [h for h in _history(run_dir) if "train/loss" in h]
+        results_train[policy_name] = {
+            "steps": result.step, "batch_size": s["batch_size"], "seconds": round(time.time() - t, 1),
+            "final_loss": last[-1]["train/loss"] if last else None,
+            "final_l1": last[-1].get("train/l1") if last else None}
 
     from ovla_jax.eval import closed_loop as E
     from ovla_jax.policy import OpenVLAPolicy
 
     say(f"[3/3] closed-loop evaluation: {s['eval_episodes']} episodes per task and policy")
-    policy = OpenVLAPolicy.from_pretrained(run_dir)  # the final checkpoint, as a user would load it
-    norm_stats = policy.norm_stats
     t = time.time()
-    episodes = {
-        "openvla": E.rollout(E.vla_policy(policy), s["eval_episodes"], seed=args.seed, record=2, progress=progress),
-        "random": E.rollout(E.random_policy(args.seed), s["eval_episodes"], seed=args.seed),
-        "expert": E.rollout(E.expert_policy, s["eval_episodes"], seed=args.seed),
-    }
+    episodes, policies = {}, {}
+    for policy_name in trained:  # the final checkpoints, loaded as a user would
+        policies[policy_name] = OpenVLAPolicy.from_pretrained(run_dirs[policy_name])
+        execute = args.execute if policy_name == "oft" else None
+        episodes[policy_name] = E.rollout(E.vla_policy(policies[policy_name]), s["eval_episodes"], seed=args.seed,
+                                          record=2 if policy_name == "oft" else 0, progress=progress, execute=execute)
+    episodes["random"] = E.rollout(E.random_policy(args.seed), s["eval_episodes"], seed=args.seed)
+    episodes["expert"] = E.rollout(E.expert_policy, s["eval_episodes"], seed=args.seed)
     eval_time = time.time() - t
     results = {name: E.summarize(eps) for name, eps in episodes.items()}
 
     from ovla_jax.sim import figures
 
-    loss_png = figures.loss_curve(os.path.join(workdir, "loss_curve.png"), _history(run_dir))
+    loss_png = figures.loss_curve(os.path.join(workdir, "loss_curve.png"), _history(run_dirs["oft"]))
     strip_png = figures.filmstrip(os.path.join(workdir, "filmstrip.png"),
-                                  [e for e in episodes["openvla"] if e.frames is not None])
+                                  [e for e in episodes["oft"] if e.frames is not None])
     wall = time.time() - start
-    last = [h for h in _history(run_dir) if "train/loss" in h]
+    norm_stats = policies["oft"].norm_stats
     summary = {
-        "success_rate": results["openvla"]["all"]["success_rate"],
+        "success_rate": results["oft"]["all"]["success_rate"],
         "random_success_rate": results["random"]["all"]["success_rate"],
         "expert_success_rate": results["expert"]["all"]["success_rate"],
-        "episodes": results["openvla"]["all"]["episodes"],
+        "openvla_success_rate": results["openvla"]["all"]["success_rate"] if "openvla" in results else None,
+        "episodes": results["oft"]["all"]["episodes"],
         "wall_seconds": round(wall, 1),
+        "policies": {name: {"success_rate": r["all"]["success_rate"], "ci95": r["all"]["ci95"],
+                            "episodes": r["all"]["episodes"]} for name, r in results.items()},
         "success": results,
-        "train": {"steps": result.step, "batch_size": s["batch_size"], "seconds": round(train_time, 1),
-                  "final_loss": last[-1]["train/loss"] if last else None,
-                  "final_accuracy": last[-1]["train/accuracy"] if last else None},
+        "train": results_train,
+        "oft": dict(OFT, execute=args.execute or OFT["chunk"]),
         "dataset": {"name": dataset.DATASET_NAME, "dir": dataset.dataset_dir(data_dir),
                     "num_transitions": norm_stats[dataset.DATASET_NAME].get("num_transitions")},
         "eval_seconds": round(eval_time, 1),
-        "files": {"loss_curve": loss_png, "filmstrip": strip_png, "checkpoints": os.path.join(run_dir, "checkpoints")},
+        "files": {"loss_curve": loss_png, "filmstrip": strip_png,
+                  "checkpoints": {n: os.path.join(run_dirs[n], "checkpoints") for n in trained}},
     }
     _write_json(os.path.join(workdir, "summary.json"), summary)
     print(E.format_table(results))
-    print(f"trained policy: {results['openvla']['all']['success_rate']:.1%} success vs random "
-          f"{results['random']['all']['success_rate']:.1%} and expert {results['expert']['all']['success_rate']:.1%} "
-          f"over {results['openvla']['all']['episodes']} episodes each; wall time {wall:.0f}s")
+    line = f"OpenVLA-OFT policy: {results['oft']['all']['success_rate']:.1%} success"
+    if "openvla" in results:
+        line += f" vs autoregressive OpenVLA {results['openvla']['all']['success_rate']:.1%}"
+    print(f"{line}, random {results['random']['all']['success_rate']:.1%} and expert "
+          f"{results['expert']['all']['success_rate']:.1%} over {results['oft']['all']['episodes']} episodes each; "
+          f"wall time {wall:.0f}s")
     print(f"wrote {os.path.join(workdir, 'summary.json')}, {loss_png}, {strip_png}")
     return 0
 

@@ -2,7 +2,9 @@
 
 Preprocessing is the training pipeline's own (lanczos3 resize, per-tower pixel normalization, the
 OpenVLA prompt), prompts are right-padded to one fixed length so one compiled decode serves every
-batch, and the 7 action tokens come from the KV-cached greedy decoder. Checkpoints of any kind load
+batch, and the 7 action tokens come from the KV-cached greedy decoder. OpenVLA-OFT models (parallel
+heads) predict a chunk of K actions in one forward pass, from the third-person image, the wrist image
+and the proprio state when they read them. Checkpoints of any kind load
 here: an ``ovla-jax train`` workdir (LoRA merged), an ovla-jax dir, or an HF PyTorch dir.
 """
 from __future__ import annotations
@@ -16,15 +18,19 @@ import numpy as np
 
 from ovla_jax import actions as A
 from ovla_jax.models.config import OpenVLAConfig, pixel_normalizations
-from ovla_jax.models.openvla import OpenVLA, greedy_decode
+from ovla_jax.models.openvla import OpenVLA, greedy_decode, parallel_decode
 from ovla_jax.data.batch import prompt_ids
 
 
 class OpenVLAPolicy:
     """``OpenVLAPolicy.from_pretrained(path)``, then ``predict_action(images, instructions)``."""
 
-    def __init__(self, config: OpenVLAConfig, params, tokenizer, norm_stats: dict, max_length: int = 160):
+    def __init__(self, config: OpenVLAConfig, params, tokenizer, norm_stats: dict, max_length: int = 160,
+                 normalization: str = "bounds_q99"):
+        if normalization not in A.NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; choose from {A.NORMALIZATIONS}")
         self.config, self.tokenizer, self.max_length = config, tokenizer, max_length
+        self.normalization = normalization
         self.model = OpenVLA(config)
         self.params = jax.device_put(params)
         self.norm_stats = norm_stats
@@ -33,19 +39,27 @@ class OpenVLAPolicy:
 
     @classmethod
     def from_pretrained(cls, path: str, tokenizer=None, step: Optional[int] = None,
-                        max_length: Optional[int] = None) -> "OpenVLAPolicy":
-        """A train workdir / checkpoint, an ovla-jax dir or an HF dir. ``tokenizer``: a Tokenizer, a
-        spec ("char", "words", a tokenizer dir), or None = the training run's, else the checkpoint dir
-        itself when it holds tokenizer files, else "char"."""
+                        max_length: Optional[int] = None, normalization: Optional[str] = None,
+                        action_head: Optional[str] = None) -> "OpenVLAPolicy":
+        """A train workdir / checkpoint, an ovla-jax dir or an HF dir (an OFT one too: its head files
+        beside it). ``tokenizer``: a Tokenizer, a spec ("char", "words", a tokenizer dir), or None = the
+        training run's, else the checkpoint dir itself when it holds tokenizer files, else "char".
+        ``normalization``: how actions (and proprio) were normalized, default the run's or bounds_q99.
+        ``action_head``: what the caller expects; a mismatch with the checkpoint is an error."""
         from ovla_jax.train.loop import make_tokenizer
 
-        config, params, norm_stats, trained_length, trained_tokenizer = load_checkpoint_any(path, step)
+        config, params, norm_stats, trained, trained_tokenizer = load_checkpoint_any(path, step)
+        if action_head is not None and action_head != config.action_head:
+            raise ValueError(f"{path}: the checkpoint's action_head is {config.action_head!r} (chunk {config.chunk}), "
+                             f"not {action_head!r}")
         if tokenizer is None or isinstance(tokenizer, str):
             spec = tokenizer or trained_tokenizer
             if spec is None:
                 spec = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else "char"
             tokenizer = make_tokenizer(spec, config)
-        return cls(config, params, tokenizer, norm_stats, max_length or trained_length or 160)
+        trained = trained or {}
+        return cls(config, params, tokenizer, norm_stats, max_length or trained.get("max_length") or 160,
+                   normalization or trained.get("normalization") or "bounds_q99")
 
     def action_stats(self, unnorm_key: Optional[str] = None) -> dict:
         return pick_stats(self.norm_stats, unnorm_key)
@@ -61,15 +75,26 @@ class OpenVLAPolicy:
         return tf.map_fn(lambda im: F.pixel_values(im, self.towers), resized, fn_output_signature=tf.float32).numpy()
 
     def prompts(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """-> (input_ids, attention_mask) right-padded to ``max_length``. Parallel (OFT) models: the
+        prompt, then K * D placeholder slots and the stop token (see :meth:`action_slots`)."""
+        slots = self.config.num_action_slots
         ids = np.full((len(instructions), self.max_length), self.tokenizer.pad_id, np.int32)
         mask = np.zeros(ids.shape, bool)
         for i, text in enumerate(instructions):
             row = prompt_ids(self.tokenizer, text)
+            if slots:
+                row = row + [self.tokenizer.pad_id] * slots + [self.tokenizer.eos_id]
             if len(row) > self.max_length:
                 raise ValueError(f"prompt for {text!r} needs {len(row)} tokens; max_length is {self.max_length}")
             ids[i, :len(row)] = row
             mask[i, :len(row)] = True
         return ids, mask
+
+    def action_slots(self, attention_mask: np.ndarray) -> np.ndarray:
+        """bool[B, L]: the K * D slots, which end one token (the stop) before each row's last real token."""
+        end = attention_mask.sum(1) - 1  # index of the stop token
+        index = np.arange(attention_mask.shape[1])[None]
+        return (index >= (end - self.config.num_action_slots)[:, None]) & (index < end[:, None])
 
     def predict_action_tokens(self, pixel_values, input_ids, attention_mask=None) -> np.ndarray:
         """Low level: model inputs -> int32[B, 7] greedy action tokens (KV-cached decode)."""
@@ -79,26 +104,77 @@ class OpenVLAPolicy:
                                   jnp.asarray(attention_mask), num_tokens=7)
         return np.asarray(tokens)
 
-    def predict_action(self, images, instructions, unnorm_key: Optional[str] = None) -> np.ndarray:
+    def proprio_values(self, proprio, batch: int, unnorm_key: Optional[str] = None) -> Optional[np.ndarray]:
+        """Raw states float[B, P] -> normalized float32[B, P] (as in training), or None for a model without
+        proprio; a missing or misshaped state is an error naming the field."""
+        from ovla_jax.data.proprio import normalize
+
+        cfg = self.config
+        if not cfg.proprio_dim:
+            if proprio is not None:
+                raise ValueError("proprio was given, but this model reads no proprio state (proprio_dim 0)")
+            return None
+        if proprio is None:
+            raise ValueError(f"proprio: this model reads a {cfg.proprio_dim}-D proprio state; pass proprio=float[B, "
+                             f"{cfg.proprio_dim}] (raw, it is normalized here)")
+        proprio = np.asarray(proprio, np.float32)
+        if proprio.shape != (batch, cfg.proprio_dim):
+            raise ValueError(f"proprio must be float[{batch}, {cfg.proprio_dim}], got shape {proprio.shape}")
+        stats = pick_stats(self.norm_stats, unnorm_key, field="proprio")
+        return np.asarray(normalize(proprio, stats, self.normalization), np.float32)
+
+    def model_pixels(self, images: np.ndarray, wrist_images=None) -> np.ndarray:
+        """Every camera the model reads -> pixel_values with the images on the channel axis."""
+        cfg = self.config
+        if cfg.num_images == 1:
+            if wrist_images is not None:
+                raise ValueError("wrist_images were given, but this model reads 1 image (num_images 1)")
+            return self.pixel_values(images)
+        if wrist_images is None:
+            raise ValueError(f"wrist_images: this model reads {cfg.num_images} images (third-person, then wrist); "
+                             f"pass wrist_images=uint8[B, H, W, 3]")
+        wrist_images = np.asarray(wrist_images)
+        if wrist_images.shape != images.shape:
+            raise ValueError(f"wrist_images has shape {wrist_images.shape}; the images have {images.shape} "
+                             f"(one wrist image per example)")
+        return np.concatenate([self.pixel_values(images), self.pixel_values(wrist_images)], axis=-1)
+
+    def predict_action(self, images, instructions, unnorm_key: Optional[str] = None, *, wrist_images=None,
+                       proprio=None) -> np.ndarray:
         """uint8[H, W, 3] + one instruction -> float32[7], or uint8[B, H, W, 3] + B instructions ->
-        float32[B, 7]: actions in the units of dataset ``unnorm_key`` (optional when it knows one)."""
+        float32[B, 7]: actions in the units of dataset ``unnorm_key`` (optional when it knows one).
+        Chunked (OFT) models return float32[K, D] / float32[B, K, D], from one forward pass; they may
+        also read ``wrist_images`` (like ``images``) and ``proprio`` (raw state float[P] / float[B, P])."""
         single = isinstance(instructions, str)
         images = np.asarray(images)
         if single:
             images, instructions = images[None], [instructions]
+            wrist_images = None if wrist_images is None else np.asarray(wrist_images)[None]
+            proprio = None if proprio is None else np.asarray(proprio)[None]
         if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(instructions):
             raise ValueError(f"images must be uint8[B, H, W, 3] with one instruction each; got {images.shape} "
                              f"and {len(instructions)} instruction(s)")
+        cfg = self.config
+        pixels = self.model_pixels(images, wrist_images)
+        state = self.proprio_values(proprio, len(images), unnorm_key)
         ids, mask = self.prompts(instructions)
-        tokens = self.predict_action_tokens(self.pixel_values(images), ids, mask)
-        normalized = A.decode_action_tokens(tokens, self.config.tokenizer_vocab_size, self.config.n_action_bins)
-        actions = A.unnormalize_bounds_q99(normalized, self.action_stats(unnorm_key))
+        stats = self.action_stats(unnorm_key)
+        if cfg.parallel:
+            normalized, _ = parallel_decode(self.model, self.params, jnp.asarray(pixels), jnp.asarray(ids),
+                                            jnp.asarray(mask), jnp.asarray(self.action_slots(mask)),
+                                            None if state is None else jnp.asarray(state))
+            actions = A.unnormalize(np.asarray(normalized), stats, self.normalization)  # [B, K, D]
+            return actions[0] if single else actions
+        tokens = self.predict_action_tokens(pixels, ids, mask)
+        normalized = A.decode_action_tokens(tokens, cfg.tokenizer_vocab_size, cfg.n_action_bins)
+        actions = A.unnormalize(normalized, stats, self.normalization)
         return actions[0] if single else actions
 
 
 def load_checkpoint_any(path: str, step: Optional[int] = None):
-    """-> (config, host params, norm_stats, max_length, tokenizer spec) from a train workdir / checkpoint
-    (which records its prompt length and tokenizer), an ovla-jax dir or an HF dir (None for both)."""
+    """-> (config, host params, norm_stats, training settings {max_length, normalization} or None,
+    tokenizer spec or None) from a train workdir / checkpoint (which records them), an ovla-jax dir or
+    an HF dir."""
     from ovla_jax.checkpoints.errors import CheckpointError
     from ovla_jax.checkpoints.hf import load_hf_checkpoint
     from ovla_jax.checkpoints.jax_format import is_jax_checkpoint, load_jax_checkpoint
@@ -107,7 +183,9 @@ def load_checkpoint_any(path: str, step: Optional[int] = None):
     if TC.is_train_checkpoint(path):
         config, params, norm_stats, meta = TC.load_params(path, step)
         train_config = meta.get("train_config", {})
-        return config, params, norm_stats, train_config.get("max_length"), train_config.get("tokenizer")
+        trained = {"max_length": train_config.get("max_length"),
+                   "normalization": (train_config.get("data") or {}).get("normalization")}
+        return config, params, norm_stats, trained, train_config.get("tokenizer")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: checkpoint directory not found")
     if is_jax_checkpoint(path):
@@ -115,12 +193,14 @@ def load_checkpoint_any(path: str, step: Optional[int] = None):
     return (*load_hf_checkpoint(path, dtype="float32"), None, None)
 
 
-def pick_stats(norm_stats: dict, key: Optional[str], path: str = "the checkpoint") -> dict:
-    """The action statistics to unnormalize with: ``key``, or the only dataset the model knows."""
+def pick_stats(norm_stats: dict, key: Optional[str], path: str = "the checkpoint", field: str = "action") -> dict:
+    """The ``field`` (action / proprio) statistics of dataset ``key``, or of the only dataset the model knows."""
     if key is None:
         if len(norm_stats) != 1:
             raise ValueError(f"{path} knows {len(norm_stats)} datasets {sorted(norm_stats)}: name one to unnormalize with")
         key = next(iter(norm_stats))
     if key not in norm_stats:
         raise ValueError(f"{path} has no statistics for {key!r}; it has {sorted(norm_stats)}")
-    return norm_stats[key]["action"]
+    if field not in norm_stats[key]:
+        raise ValueError(f"{path}: the statistics of {key!r} have no {field!r} entry")
+    return norm_stats[key][field]

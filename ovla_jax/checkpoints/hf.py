@@ -94,7 +94,7 @@ def abstract_params(config: OpenVLAConfig) -> dict:
     """ShapeDtypeStructs of the model's params (fp32), without allocating anything."""
     model = OpenVLA(config)
     size = config.vision[0].image_size
-    channels = 3 * len(config.vision)
+    channels = 3 * len(config.vision) * config.num_images
 
     def init():
         pixels = jnp.zeros((1, size, size, channels), jnp.float32)

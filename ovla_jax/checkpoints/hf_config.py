@@ -11,7 +11,7 @@ import json
 from typing import Any, Optional
 
 from ovla_jax.checkpoints.errors import CheckpointError
-from ovla_jax.models.config import (LLAMA_BACKBONES, VISION_BACKBONES, LlamaConfig, OpenVLAConfig,
+from ovla_jax.models.config import (LLAMA_BACKBONES, OFT_FIELDS, VISION_BACKBONES, LlamaConfig, OpenVLAConfig,
                                     openvla_config)
 
 # Official ids -> timm / HF hub ids, as written by the official Prismatic config.
@@ -30,6 +30,7 @@ LLM_HF_IDS = {
 AUTO_MAP_LOCAL = {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
                   "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"}
 OFFICIAL_REPO = "openvla/openvla-7b"
+OFT_KEY = "ovla_jax_oft"  # config.json key holding an OFT model's settings (action head, chunk, images, ...)
 REMOTE_CODE_FILES = ("configuration_prismatic.py", "modeling_prismatic.py")
 
 # transformers LlamaConfig field -> (our LlamaConfig field, default). Defaults are transformers'.
@@ -90,11 +91,18 @@ def config_from_hf(raw: dict, path: str = "config.json") -> tuple[OpenVLAConfig,
             _fail(path, f"text_config.{field}={text[field]!r} is not supported (only {default!r})")
     llm = LlamaConfig(**{ours: text.get(theirs, default) for theirs, (ours, default) in _TEXT_FIELDS.items()})
 
-    passthrough = {k: v for k, v in raw.items() if k != "norm_stats"}
-    config = openvla_config(
-        vision_backbone_id=vision_id, llm=llm, image_size=sizes[0], projector=projector,
-        pad_token_id=raw.get("pad_token_id", 32000), pad_to_multiple_of=raw.get("pad_to_multiple_of", 64),
-        n_action_bins=raw.get("n_action_bins", 256), hf=json.dumps(passthrough, sort_keys=True))
+    passthrough = {k: v for k, v in raw.items() if k not in ("norm_stats", OFT_KEY)}
+    oft = raw.get(OFT_KEY) or {}
+    unknown = sorted(set(oft) - set(OFT_FIELDS))
+    if unknown:
+        _fail(path, f"{OFT_KEY}: unknown field(s) {unknown}; known: {list(OFT_FIELDS)}")
+    try:
+        config = openvla_config(
+            vision_backbone_id=vision_id, llm=llm, image_size=sizes[0], projector=projector,
+            pad_token_id=raw.get("pad_token_id", 32000), pad_to_multiple_of=raw.get("pad_to_multiple_of", 64),
+            n_action_bins=raw.get("n_action_bins", 256), hf=json.dumps(passthrough, sort_keys=True), **oft)
+    except ValueError as e:
+        _fail(path, str(e))
     return config, raw.get("norm_stats") or {}
 
 
@@ -143,5 +151,9 @@ def config_to_hf(config: OpenVLAConfig, norm_stats: Optional[dict], torch_dtype:
         "use_fused_vision_backbone": len(config.vision) > 1,
         "vision_backbone_id": vision_id,
     })
+    defaults = OpenVLAConfig.__dataclass_fields__
+    oft = {k: v for k, v in config.oft_fields.items() if v != defaults[k].default}
+    if oft:  # an OFT model: its settings ride along (transformers ignores unknown keys)
+        out[OFT_KEY] = oft
     # Keep key order stable and identical to transformers' sorted output.
     return {k: out[k] for k in sorted(out)}

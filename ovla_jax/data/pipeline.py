@@ -2,9 +2,12 @@
 flatten -> shuffle; then mix datasets by weight; then frame transforms (decode, resize, augment, pixel
 values) and batching.
 
-Output frame schema: ``pixel_values`` float32[S, S, 3 * towers], ``image`` uint8[W, S, S, 3] (the
-primary camera over the window), ``action`` float32[W + F, A] normalized, ``action_pad_mask``,
-``pad_mask``, ``task/language_instruction`` string, ``dataset_name`` string.
+Output frame schema: ``pixel_values`` float32[S, S, 3 * towers * cameras] (primary, then wrist when
+``wrist``), ``image`` uint8[W, S, S, 3] (the primary camera over the window), ``image_wrist`` likewise
+when ``wrist``, ``proprio`` float32[P] normalized when ``proprio``, ``action`` float32[W + F, A]
+normalized (F = ``future``: OFT's chunk of K actions is the current one + K - 1 future ones),
+``action_pad_mask`` (False past the trajectory end), ``pad_mask``, ``task/language_instruction``
+string, ``dataset_name`` string.
 
 Reproducibility: every random choice is seeded from ``seed`` (and the process index); augmentation is
 seeded per frame by its position in the stream, so ``start_index`` (= step x host batch) resumes the
@@ -22,6 +25,7 @@ import tensorflow.experimental.numpy as tnp
 
 from ovla_jax import actions as A
 from ovla_jax.data import frames as F
+from ovla_jax.data import proprio as P
 from ovla_jax.data import traj as T
 from ovla_jax.data import traj_transforms as TT
 from ovla_jax.data.errors import DataError
@@ -48,7 +52,9 @@ class DataConfig:
     subsample_length: Optional[int] = None
     max_traj_length: Optional[int] = None
     goal_relabel: bool = False
-    normalization: str = "bounds_q99"  # or "normal"
+    normalization: str = "bounds_q99"  # or "bounds" (min/max, OFT's ALOHA) or "normal"
+    wrist: bool = False  # also the wrist camera (OFT's second image)
+    proprio: bool = False  # also the normalized state (OFT's proprio token)
     threads: int = 16  # total read/transform threads, shared across datasets by weight
     stats_cache_dir: Optional[str] = DEFAULT_CACHE
 
@@ -97,11 +103,9 @@ def _check_features(builder, spec: registry.DatasetSpec, camera_keys: list[str])
 
 
 def _normalize(action, stats: dict, kind: str):
-    if kind == "bounds_q99":
-        return A.normalize_bounds_q99(action, stats["action"], xp=tnp)
-    if kind == "normal":
-        return A.normalize_normal(action, stats["action"], xp=tnp)
-    raise DataError(f"unknown normalization {kind!r} (bounds_q99 or normal)")
+    if kind not in A.NORMALIZATIONS:
+        raise DataError(f"unknown normalization {kind!r}; choose from {A.NORMALIZATIONS}")
+    return A.normalize(action, stats["action"], kind, xp=tnp)
 
 
 def dataset_frames(cfg: DataConfig, name: str, split: str, *, train: bool, seed: int, threads: int = 4,
@@ -115,7 +119,14 @@ def dataset_frames(cfg: DataConfig, name: str, split: str, *, train: bool, seed:
     primary = spec.cameras.get("primary")
     if primary is None:
         raise DataError(f"dataset {name!r}: the registry names no primary camera")
-    _check_features(builder, spec, [primary])
+    cameras = {"image_primary": primary}
+    if cfg.wrist:
+        if spec.cameras.get("wrist") is None:
+            raise DataError(f"dataset {name!r}: the registry names no wrist camera, but wrist images were asked for")
+        cameras["image_wrist"] = spec.cameras["wrist"]
+    if cfg.proprio and not spec.state_keys:
+        raise DataError(f"dataset {name!r}: the registry names no state keys, but proprio was asked for")
+    _check_features(builder, spec, list(cameras.values()))
     stats = dataset_stats(builder, spec, cfg.stats_cache_dir)
     ds = T.from_rlds(builder, split, shuffle=train, seed=seed, num_parallel_reads=threads,
                      process_index=process_index, process_count=process_count)
@@ -127,8 +138,11 @@ def dataset_frames(cfg: DataConfig, name: str, split: str, *, train: bool, seed:
             raise DataError(f"dataset {name!r}: no {spec.language_key!r} after standardization "
                             f"(fields: {sorted(traj)})")
         length = tf.shape(traj["action"])[0]
+        observation = {k: traj["observation"][key] for k, key in cameras.items()}
+        if cfg.proprio:
+            observation["proprio"] = P.normalize(P.proprio_of(traj, spec), stats["proprio"], cfg.normalization, xp=tnp)
         return {
-            "observation": {"image_primary": traj["observation"][primary]},
+            "observation": observation,
             "task": {"language_instruction": traj[spec.language_key]},
             "action": _normalize(tf.cast(traj["action"], tf.float32), stats, cfg.normalization),
             "dataset_name": tf.repeat(tf.constant(name), length),
@@ -202,10 +216,18 @@ def _frame_transform(cfg: DataConfig, frame, index, seed: int, train: bool):
             image = F.augment(image, tf.stack([tf.cast(seed % (2**31), tf.int64), index]))
         return image
 
-    images = tf.map_fn(load, frame["observation"]["image_primary"], fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+    spec = tf.TensorSpec([size, size, 3], tf.uint8)
+    images = tf.map_fn(load, frame["observation"]["image_primary"], fn_output_signature=spec)
     out = {k: v for k, v in frame.items() if k != "observation"}
     out["image"] = images
-    out["pixel_values"] = F.pixel_values(images[-1], cfg.towers)
+    pixels = [F.pixel_values(images[-1], cfg.towers)]
+    if cfg.wrist:
+        wrist = tf.map_fn(load, frame["observation"]["image_wrist"], fn_output_signature=spec)
+        out["image_wrist"] = wrist
+        pixels.append(F.pixel_values(wrist[-1], cfg.towers))
+    if cfg.proprio:
+        out["proprio"] = tf.cast(frame["observation"]["proprio"][-1], tf.float32)
+    out["pixel_values"] = tf.concat(pixels, axis=-1) if len(pixels) > 1 else pixels[0]
     return out
 
 

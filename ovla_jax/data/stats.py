@@ -26,26 +26,29 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "ovla_jax", "sta
 def stats_key(builder, spec: DatasetSpec) -> str:
     info = tf.io.gfile.GFile(os.path.join(builder.data_dir, "dataset_info.json")).read()
     parts = [builder.data_dir, info, spec.name, repr(spec.cameras), repr(spec.action_normalization_mask),
+             repr(spec.state_keys),
              getattr(spec.standardize, "recipe", None) or inspect.getsource(spec.standardize)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def compute_stats(actions: np.ndarray, num_trajectories: int, mask) -> dict:
-    """float[N, A] actions -> the official stats dict (action: mean/std/max/min/q01/q99/mask, counts)."""
-    if actions.shape[0] == 0:
-        raise DataError("no transitions to compute statistics over")
-    a = actions.astype(np.float64)
-    return {
-        "action": {
-            "mean": a.mean(0).astype(np.float32).tolist(), "std": a.std(0).astype(np.float32).tolist(),
+def _moments(x: np.ndarray) -> dict:
+    a = x.astype(np.float64)
+    return {"mean": a.mean(0).astype(np.float32).tolist(), "std": a.std(0).astype(np.float32).tolist(),
             "max": a.max(0).astype(np.float32).tolist(), "min": a.min(0).astype(np.float32).tolist(),
             "q01": np.quantile(a, 0.01, axis=0).astype(np.float32).tolist(),
-            "q99": np.quantile(a, 0.99, axis=0).astype(np.float32).tolist(),
-            "mask": [bool(m) for m in mask],
-        },
-        "num_transitions": int(a.shape[0]),
-        "num_trajectories": int(num_trajectories),
-    }
+            "q99": np.quantile(a, 0.99, axis=0).astype(np.float32).tolist()}
+
+
+def compute_stats(actions: np.ndarray, num_trajectories: int, mask, proprio: Optional[np.ndarray] = None) -> dict:
+    """float[N, A] actions (and float[N, P] proprio states, when the dataset has them) -> the official
+    stats dict (action: mean/std/max/min/q01/q99/mask; proprio: the same but mask; counts)."""
+    if actions.shape[0] == 0:
+        raise DataError("no transitions to compute statistics over")
+    out = {"action": {**_moments(actions), "mask": [bool(m) for m in mask]}}
+    if proprio is not None:
+        out["proprio"] = _moments(proprio)
+    out.update(num_transitions=int(actions.shape[0]), num_trajectories=int(num_trajectories))
+    return out
 
 
 def dataset_stats(builder, spec: DatasetSpec, cache_dir: Optional[str] = DEFAULT_CACHE, progress: bool = False) -> dict:
@@ -55,18 +58,30 @@ def dataset_stats(builder, spec: DatasetSpec, cache_dir: Optional[str] = DEFAULT
     if path and fileio.exists(path):
         return json.loads(fileio.read_text(path))
     ds = T.from_rlds(builder, "all")
-    ds = T.traj_map(ds, lambda traj: {"action": spec.standardize(traj)["action"]})
-    chunks, n_traj = [], 0
+    from ovla_jax.data.proprio import proprio_of
+
+    def fields(traj):
+        traj = spec.standardize(traj)
+        out = {"action": traj["action"]}
+        if spec.state_keys:
+            out["proprio"] = proprio_of(traj, spec)
+        return out
+
+    ds = T.traj_map(ds, fields)
+    chunks, states, n_traj = [], [], 0
     iterator = ds.as_numpy_iterator()
     if progress:
         from tqdm import tqdm
         iterator = tqdm(iterator, desc=f"statistics of {spec.name}", unit="traj")
     for traj in iterator:
         chunks.append(traj["action"])
+        if "proprio" in traj:
+            states.append(traj["proprio"])
         n_traj += 1
     if not n_traj:
         raise DataError(f"dataset {spec.name!r}: empty (no trajectories in {builder.data_dir})")
-    stats = compute_stats(np.concatenate(chunks), n_traj, spec.action_normalization_mask)
+    stats = compute_stats(np.concatenate(chunks), n_traj, spec.action_normalization_mask,
+                          np.concatenate(states) if states else None)
     if path:  # a local dir or a URL (gs://): one cache shared by every host of a pod
         fileio.makedirs(cache_dir)
         fileio.write_text(path, json.dumps(stats))

@@ -1,10 +1,12 @@
 """Closed-loop evaluation on the built-in tabletop tasks: any policy, many seeded episodes at once,
 per-task success rates with Wilson 95% confidence intervals.
 
-A policy is ``fn(images uint8[B, S, S, 3], instructions list[str], envs) -> float[B, 7]``; the VLA
-ignores ``envs`` (it sees only pixels and words), the expert reads the true state from them. All
-episodes step together as one fixed-size batch (finished ones keep being fed, their actions ignored),
-so a jitted policy compiles once.
+A policy is ``fn(observations, instructions list[str], envs) -> float[B, 7]`` or, for chunked (OFT)
+policies, ``float[B, K, 7]``; ``observations`` holds batched ``image`` (third-person), ``wrist_image``
+uint8[B, S, S, 3] and ``state`` float32[B, 3]. The VLA sees only those and the words; the expert reads
+the true state from ``envs``. A chunk is executed open loop, ``execute`` steps of it (all by default)
+before the policy is asked again. All episodes step together as one fixed-size batch (finished ones
+keep being fed, their actions ignored), so a jitted policy compiles once.
 """
 from __future__ import annotations
 
@@ -41,9 +43,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _stack(observations: list[dict]) -> dict:
+    return {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+
+
 def rollout(policy: Policy, episodes_per_task: int, tasks: Sequence[str] = TASKS, seed: int = 0,
-            world: WorldConfig = WorldConfig(), record: int = 0, progress: bool = False) -> list[Episode]:
-    """Run ``episodes_per_task`` episodes of each task; the first ``record`` of each task keep frames."""
+            world: WorldConfig = WorldConfig(), record: int = 0, progress: bool = False,
+            execute: Optional[int] = None) -> list[Episode]:
+    """Run ``episodes_per_task`` episodes of each task; the first ``record`` of each task keep frames
+    (third-person). ``execute``: steps of each predicted chunk to run before re-planning (None = all)."""
+    if execute is not None and execute < 1:
+        raise ValueError(f"execute must be >= 1 step of each chunk, got {execute}")
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; choose from {TASKS}")
@@ -53,22 +63,34 @@ def rollout(policy: Policy, episodes_per_task: int, tasks: Sequence[str] = TASKS
             seeds.append(EVAL_SEED_OFFSET + seed * 100_000 + i)
             envs.append(Tabletop(seeds[-1], t, world))
             recorded.append(i < record)
-    images = [e.render() for e in envs]
-    frames = [[im] if r else None for im, r in zip(images, recorded)]
+    observations = [e.observe() for e in envs]
+    frames = [[o["image"]] if r else None for o, r in zip(observations, recorded)]
     done = [False] * len(envs)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=world.max_steps, desc="rollout", unit="step", leave=False)
+    plan, planned_at = None, 0
+    steps = 0
     while not all(done):
-        actions = np.asarray(policy(np.stack(images), [e.instruction for e in envs], envs), np.float64)
+        if plan is None or steps - planned_at >= min(execute or plan.shape[1], plan.shape[1]):
+            plan = np.asarray(policy(_stack(observations), [e.instruction for e in envs], envs), np.float64)
+            if plan.ndim == 2:
+                plan = plan[:, None]
+            if plan.ndim != 3 or plan.shape[0] != len(envs):
+                raise ValueError(f"policy returned actions of shape {plan.shape}; expected [{len(envs)}, 7] or "
+                                 f"[{len(envs)}, K, 7]")
+            planned_at = steps
+        actions = plan[:, steps - planned_at]
         for i, env in enumerate(envs):
             if done[i]:
                 continue
-            images[i], done[i], _ = env.step(actions[i])
+            _, done[i], _ = env.step(actions[i])
+            observations[i] = env.observe()
             if frames[i] is not None:
-                frames[i].append(images[i])
+                frames[i].append(observations[i]["image"])
+        steps += 1
         if bar:
             bar.update()
     if bar:
@@ -94,22 +116,32 @@ def random_policy(seed: int = 0, world: WorldConfig = WorldConfig()) -> Policy:
     """Uniform motion within the per-step limit, gripper open or closed with equal odds."""
     rng = np.random.default_rng(seed)
 
-    def act(images, instructions, envs):
-        a = np.zeros((len(images), 7))
-        a[:, :2] = rng.uniform(-world.max_move, world.max_move, (len(images), 2))
-        a[:, 6] = rng.integers(0, 2, len(images))
+    def act(observations, instructions, envs):
+        n = len(instructions)
+        a = np.zeros((n, 7))
+        a[:, :2] = rng.uniform(-world.max_move, world.max_move, (n, 2))
+        a[:, 6] = rng.integers(0, 2, n)
         return a
 
     return act
 
 
-def expert_policy(images, instructions, envs) -> np.ndarray:
+def expert_policy(observations, instructions, envs) -> np.ndarray:
     return np.stack([e.expert_action() for e in envs])
 
 
 def vla_policy(policy, unnorm_key=None) -> Policy:
-    """A :class:`ovla_jax.policy.OpenVLAPolicy` as an evaluation policy (pixels and words only)."""
-    return lambda images, instructions, envs: policy.predict_action(images, instructions, unnorm_key)
+    """A :class:`ovla_jax.policy.OpenVLAPolicy` as an evaluation policy (observations and words only):
+    it gets the wrist image and the state when the model reads them."""
+    cfg = policy.config
+
+    def act(observations, instructions, envs):
+        wrist = observations["wrist_image"] if cfg.num_images > 1 else None
+        state = observations["state"] if cfg.proprio_dim else None
+        return policy.predict_action(observations["image"], instructions, unnorm_key, wrist_images=wrist,
+                                     proprio=state)
+
+    return act
 
 
 def format_table(results: dict) -> str:

@@ -109,6 +109,14 @@ class OpenVLAConfig:
     pad_to_multiple_of: int = 64
     n_action_bins: int = 256
     hf: str = "{}"  # JSON of config.json identity fields (hashable; see checkpoints/hf_config.py)
+    # OpenVLA-OFT (see ``ovla_jax/models/heads.py``); the defaults are the original OpenVLA.
+    action_head: str = "tokens"  # "tokens" | "parallel-tokens" | "l1"
+    chunk: int = 1  # K actions per prediction (parallel heads only)
+    action_dim: int = 7  # D numbers per action
+    num_images: int = 1  # cameras, each through every tower, patches concatenated (third-person first)
+    proprio_dim: int = 0  # 0 = no proprio token; else one token from a P-dim normalized state
+    film: bool = False  # FiLM every ViT block with the mean language embedding (OFT+)
+    head_hidden: int = 0  # L1 head width; 0 = the LLM width (as OFT)
 
     def __post_init__(self):
         if not self.vision:
@@ -118,6 +126,35 @@ class OpenVLAConfig:
             raise ValueError(f"fused vision towers must yield the same number of patches, got {patches}")
         if self.projector not in ("fused-gelu-mlp", "gelu-mlp"):
             raise ValueError(f"unknown projector {self.projector!r}")
+        if self.action_head not in ACTION_HEADS:
+            raise ValueError(f"unknown action_head {self.action_head!r}; choose from {ACTION_HEADS}")
+        if self.action_head == "tokens" and self.chunk != 1:
+            raise ValueError(f"action_head 'tokens' decodes one action (chunk 1), got chunk {self.chunk}; "
+                             f"chunks need action_head 'parallel-tokens' or 'l1'")
+        for name in ("chunk", "action_dim", "num_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.proprio_dim < 0:
+            raise ValueError(f"proprio_dim must be >= 0, got {self.proprio_dim}")
+
+    @property
+    def parallel(self) -> bool:
+        """OFT's parallel decoding: action slots after the prompt, bidirectional attention, one pass."""
+        return self.action_head != "tokens"
+
+    @property
+    def num_action_slots(self) -> int:
+        return self.chunk * self.action_dim if self.parallel else 0
+
+    @property
+    def num_prefix_embeddings(self) -> int:
+        """Embeddings inserted after BOS: every image's patches, then the proprio token if any."""
+        return self.num_images * self.num_patches + (1 if self.proprio_dim else 0)
+
+    @property
+    def oft_fields(self) -> dict:
+        """The OFT settings (what a plain OpenVLA config.json lacks), for checkpoints and metadata."""
+        return {k: getattr(self, k) for k in OFT_FIELDS}
 
     @property
     def hf_fields(self) -> dict:
@@ -138,6 +175,11 @@ class OpenVLAConfig:
         Action tokens are the last ``n_action_bins`` ids below it (32000 for OpenVLA-7B).
         """
         return self.llm.vocab_size - self.pad_to_multiple_of
+
+
+ACTION_HEADS = ("tokens", "parallel-tokens", "l1")
+OFT_FIELDS = ("action_head", "chunk", "action_dim", "num_images", "proprio_dim", "film", "head_hidden")
+STOP_TOKEN_ID = 2  # OFT's stop token after the action slots (Llama's EOS)
 
 
 # Official Prismatic/OpenVLA vision backbone ids -> ViT variants (one per tower, fused in this order),
@@ -189,6 +231,7 @@ def from_config_dict(cfg: Any) -> OpenVLAConfig:
         llm=LlamaConfig(**llm_fields), vision_overrides=dict(get("vision_overrides") or {}),
         pad_token_id=get("pad_token_id", 32000), pad_to_multiple_of=get("pad_to_multiple_of", 64),
         n_action_bins=get("n_action_bins", 256),
+        **{k: get(k) for k in OFT_FIELDS if get(k) is not None},
         hf=json.dumps({"vision_backbone_id": get("vision_backbone_id"), "llm_backbone_id": get("llm_backbone_id")}),
     )
 

@@ -183,8 +183,9 @@ class LlamaModel(nn.Module):
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
-    def __call__(self, embeds, token_mask, cache: Optional[KVCache] = None):
-        """embeds [B, T, D], token_mask bool[B, T] -> (hidden [B, T, D], updated cache or None)."""
+    def __call__(self, embeds, token_mask, cache: Optional[KVCache] = None, causal: bool = True):
+        """embeds [B, T, D], token_mask bool[B, T] -> (hidden [B, T, D], updated cache or None).
+        ``causal=False`` (OFT's parallel decoding) lets every token attend every real token."""
         b, t, _ = embeds.shape
         token_mask = token_mask.astype(bool)
         offsets = jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1
@@ -199,7 +200,9 @@ class LlamaModel(nn.Module):
             start = cache.index
             key_index = jnp.arange(cache.mask.shape[1])
         query_index = start + jnp.arange(t)
-        mask = (key_index[None, None, :] <= query_index[None, :, None]) & key_mask[:, None, :]
+        mask = key_mask[:, None, :] & jnp.ones((1, t, 1), bool)
+        if causal:
+            mask = mask & (key_index[None, None, :] <= query_index[None, :, None])
         cos, sin = rope_tables(positions, self.cfg.dim_per_head, self.cfg.rope_theta)
         x = embeds.astype(self.dtype)
         if self.scan:
@@ -240,13 +243,13 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids):
         return self.model.embed(input_ids)
 
-    def hidden(self, embeds, token_mask, cache: Optional[KVCache] = None):
-        return self.model(embeds, token_mask, cache)
+    def hidden(self, embeds, token_mask, cache: Optional[KVCache] = None, causal: bool = True):
+        return self.model(embeds, token_mask, cache, causal)
 
     def logits(self, hidden):
         """hidden [..., D] -> float32[..., V]. Apply only where logits are needed (it dominates small LLMs)."""
         return self.lm_head(hidden).astype(jnp.float32)
 
-    def __call__(self, embeds, token_mask, cache: Optional[KVCache] = None):
-        hidden, cache = self.hidden(embeds, token_mask, cache)
+    def __call__(self, embeds, token_mask, cache: Optional[KVCache] = None, causal: bool = True):
+        hidden, cache = self.hidden(embeds, token_mask, cache, causal)
         return self.logits(hidden), cache

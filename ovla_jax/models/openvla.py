@@ -3,6 +3,12 @@
 Sequence layout (as the official forward): ``[BOS] + [P projected patches] + input_ids[1:]``; the
 patches are always attended (mask ones) and take no loss. Logits come back for all T + P positions.
 
+OpenVLA-OFT (``config.parallel``): ``[BOS] + patches of each image + [proprio token] + prompt[1:] +
+K * D action slots + stop``; the slots' input embeddings are zeroed, attention is bidirectional
+(the mask only removes padding), and the states ONE POSITION BEFORE each slot (the last prompt token
+and all slots but the last, as a causal LM would predict them) feed the head: argmax of the LM head
+(``parallel-tokens``) or the L1 regression head (``l1``). One forward pass, no cache.
+
 Pixels are NHWC float[B, H, W, 3 * towers]: channels [0:3] normalized for DINOv2 (ImageNet mean/std),
 [3:6] for SigLIP (mean 0.5, std 0.5); the PyTorch layout is the same tensor in NCHW.
 
@@ -19,6 +25,7 @@ import jax.numpy as jnp
 
 from ovla_jax import sharding as ax
 from ovla_jax.models.config import OpenVLAConfig
+from ovla_jax.models.heads import L1ActionHead, ProprioProjector
 from ovla_jax.models.layers import constrain
 from ovla_jax.models.llama import KVCache, LlamaForCausalLM
 from ovla_jax.models.lora import LoRA
@@ -78,37 +85,70 @@ class OpenVLA(nn.Module):
                                               scan=self.scan_layers, **kw)
         self.projector = Projector(cfg.projector, cfg.llm.hidden_size, lora=self.lora, **kw)
         self.language_model = LlamaForCausalLM(cfg.llm, lora=self.lora, remat=self.remat, scan=self.scan_layers, **kw)
+        if cfg.proprio_dim:
+            self.proprio_projector = ProprioProjector(cfg.llm.hidden_size, **kw)
+        if cfg.action_head == "l1":
+            self.action_head = L1ActionHead(cfg.chunk, cfg.action_dim, cfg.head_hidden or cfg.llm.hidden_size, **kw)
 
     def embed_images(self, pixel_values):
-        """float[B, H, W, C] -> float[B, P, D] projected patch embeddings."""
-        return self.projector(self.vision_backbone(pixel_values))
+        """float[B, H, W, C * num_images] -> float[B, num_images * P, D] projected patch embeddings: every
+        image goes through every tower (as one batch), patches concatenated image by image."""
+        n, per_image = self.config.num_images, 3 * len(self.config.vision)
+        if pixel_values.shape[-1] != n * per_image:
+            raise ValueError(f"pixel_values has {pixel_values.shape[-1]} channels; {n} image(s) x "
+                             f"{len(self.config.vision)} tower(s) need {n * per_image} (NHWC, 3 per tower per image)")
+        if n == 1:
+            return self.projector(self.vision_backbone(pixel_values))
+        b, h, w, _ = pixel_values.shape
+        images = jnp.moveaxis(pixel_values.reshape(b, h, w, n, per_image), 3, 0).reshape(n * b, h, w, per_image)
+        patches = self.projector(self.vision_backbone(images))
+        return jnp.moveaxis(patches.reshape(n, b, *patches.shape[1:]), 0, 1).reshape(b, -1, patches.shape[-1])
 
-    def embed_inputs(self, pixel_values, input_ids, attention_mask=None):
-        """-> (embeds float[B, P + T, D], mask bool[B, P + T]) with patches inserted after BOS."""
+    def embed_inputs(self, pixel_values, input_ids, attention_mask=None, proprio=None, action_slots=None):
+        """-> (embeds float[B, E + T, D], mask bool[B, E + T]) with the E prefix embeddings (patches, then
+        the proprio token) inserted after BOS; ``action_slots`` bool[B, T] zeroes those text embeddings."""
+        cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
-        patches = self.embed_images(pixel_values)
-        text = self.language_model.embed(input_ids).astype(patches.dtype)
-        embeds = jnp.concatenate([text[:, :1], patches, text[:, 1:]], axis=1)
+        prefix = self.embed_images(pixel_values)
+        if cfg.proprio_dim:
+            if proprio is None:
+                if not self.is_initializing():
+                    raise ValueError(f"this model reads proprio (float[B, {cfg.proprio_dim}] normalized state); "
+                                     f"none was given")
+                proprio = jnp.zeros((input_ids.shape[0], cfg.proprio_dim), jnp.float32)
+            if proprio.shape[-1] != cfg.proprio_dim:
+                raise ValueError(f"proprio has {proprio.shape[-1]} dims; the model was built for {cfg.proprio_dim}")
+            prefix = jnp.concatenate([prefix, self.proprio_projector(proprio).astype(prefix.dtype)], axis=1)
+        text = self.language_model.embed(input_ids).astype(prefix.dtype)
+        if action_slots is not None:
+            text = jnp.where(action_slots[..., None], jnp.zeros((), text.dtype), text)
+        embeds = jnp.concatenate([text[:, :1], prefix, text[:, 1:]], axis=1)
         embeds = constrain(embeds, ax.BATCH, ax.LENGTH, ax.ACT_EMBED)
-        patch_mask = jnp.ones(patches.shape[:2], bool)
+        prefix_mask = jnp.ones(prefix.shape[:2], bool)
         attention_mask = attention_mask.astype(bool)
-        mask = jnp.concatenate([attention_mask[:, :1], patch_mask, attention_mask[:, 1:]], axis=1)
+        mask = jnp.concatenate([attention_mask[:, :1], prefix_mask, attention_mask[:, 1:]], axis=1)
         return embeds, mask
 
-    def __call__(self, pixel_values, input_ids, attention_mask=None):
-        embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask)
-        logits, _ = self.language_model(embeds, mask)
+    def __call__(self, pixel_values, input_ids, attention_mask=None, proprio=None, action_slots=None):
+        embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask, proprio, action_slots)
+        logits, _ = self.language_model(embeds, mask, causal=not self.config.parallel)
+        if self.config.action_head == "l1" and self.is_initializing():  # create the head's params
+            self.action_head(jnp.zeros((input_ids.shape[0], self.config.num_action_slots, self.config.llm.hidden_size)))
         return logits
 
-    def hidden_states(self, pixel_values, input_ids, attention_mask=None):
-        """Final-norm hidden states float[B, P + T, D] (training gathers the labelled positions and
-        applies ``logits`` only there)."""
-        embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask)
-        return self.language_model.hidden(embeds, mask)[0]
+    def hidden_states(self, pixel_values, input_ids, attention_mask=None, proprio=None, action_slots=None):
+        """Final-norm hidden states float[B, E + T, D] (training gathers the labelled positions and
+        applies ``logits`` only there). Bidirectional for parallel (OFT) models."""
+        embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask, proprio, action_slots)
+        return self.language_model.hidden(embeds, mask, causal=not self.config.parallel)[0]
 
     def logits(self, hidden):
         return self.language_model.logits(hidden)
+
+    def regress(self, slot_hidden):
+        """L1 head: slot states float[B, K * D, H] -> normalized actions float32[B, K, D]."""
+        return self.action_head(slot_hidden)
 
     def prefill(self, pixel_values, input_ids, attention_mask, cache: KVCache):
         """Run the prompt through the LLM into ``cache``; return logits float32[B, V] of each row's
@@ -126,11 +166,44 @@ class OpenVLA(nn.Module):
         return self.language_model.logits(hidden), cache
 
 
+def slot_positions(action_slots, num_prefix: int, num_slots: int):
+    """action_slots bool[B, T] (text layout) -> int[B, K * D]: positions, in the multimodal sequence, of
+    the hidden states that read each slot (one before it: causal-LM alignment, as OFT)."""
+    first = jnp.argmax(action_slots, axis=1)  # text index of the first slot (>= 1: BOS comes first)
+    return (first + num_prefix - 1)[:, None] + jnp.arange(num_slots)[None, :]
+
+
+def gather_slots(hidden, action_slots, config: OpenVLAConfig):
+    """hidden float[B, E + T, H] -> the slot-reading states float[B, K * D, H]."""
+    index = slot_positions(action_slots, config.num_prefix_embeddings, config.num_action_slots)
+    return jnp.take_along_axis(hidden, index[..., None], axis=1)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def parallel_decode(model: OpenVLA, params, pixel_values, input_ids, attention_mask, action_slots, proprio=None):
+    """OFT's one-pass action prediction -> (float32[B, K, D] normalized actions, int32[B, K * D] tokens or
+    None). ``parallel-tokens``: argmax over the full vocabulary at each slot, decoded from the bins;
+    ``l1``: the regression head."""
+    from ovla_jax import actions as A
+
+    cfg = model.config
+    variables = {"params": params}
+    hidden = model.apply(variables, pixel_values, input_ids, attention_mask, proprio, action_slots,
+                         method=OpenVLA.hidden_states)
+    slots = gather_slots(hidden, action_slots, cfg)
+    b = input_ids.shape[0]
+    if cfg.action_head == "l1":
+        return model.apply(variables, slots, method=OpenVLA.regress), None
+    tokens = jnp.argmax(model.apply(variables, slots, method=OpenVLA.logits), axis=-1).astype(jnp.int32)
+    actions = A.decode_action_tokens(tokens, cfg.tokenizer_vocab_size, cfg.n_action_bins, xp=jnp)
+    return actions.reshape(b, cfg.chunk, cfg.action_dim).astype(jnp.float32), tokens
+
+
 def init_cache(config: OpenVLAConfig, batch: int, prompt_len: int, new_tokens: int, dtype=jnp.float32,
                stacked: bool = False) -> KVCache:
     """An empty cache long enough for the prompt (text + patches) and ``new_tokens`` more (``stacked``
     for a model with scanned layers)."""
-    return KVCache.zeros(config.llm, batch, prompt_len + config.num_patches + new_tokens, dtype, stacked)
+    return KVCache.zeros(config.llm, batch, prompt_len + config.num_prefix_embeddings + new_tokens, dtype, stacked)
 
 
 @partial(jax.jit, static_argnames=("model", "num_tokens"))

@@ -1,5 +1,6 @@
 """The demo dataset: scripted-expert episodes of the tabletop tasks written as a real RLDS tfds dataset
 (``ovla_tabletop``, registered in the OXE registry like any other), read back by the normal pipeline.
+Each step holds the third-person ``image``, the ``wrist_image`` and the ``state`` [x, y, gripper].
 
 Images are stored as PNG (lossless), so training sees exactly the pixels the simulator renders at
 evaluation time. Episodes are seeded by index: train episodes use seeds [0, n), validation episodes
@@ -18,7 +19,7 @@ from ovla_jax.data.errors import DataError
 from ovla_jax.sim.tabletop import WorldConfig, expert_episode
 
 DATASET_NAME = "ovla_tabletop"
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1: + wrist_image and state (a 1.0 dataset is not reused)
 VAL_SEED_OFFSET = 10**6
 
 
@@ -48,7 +49,8 @@ def _episodes(count: int, first_seed: int, world: WorldConfig, noise: float, bar
                                 f"{e['instruction']!r}); is the world config consistent?")
         if bar:
             bar.update()
-        yield episode({"image": e["images"]}, e["actions"], e["instruction"])
+        yield episode({"image": e["images"], "wrist_image": e["wrist_images"]}, e["actions"], e["instruction"],
+                      state=e["states"])
 
 
 def build(data_dir: str, num_episodes: int = 800, num_val: int = 40, noise: float = 0.02,
@@ -72,7 +74,8 @@ def build(data_dir: str, num_episodes: int = 800, num_val: int = 40, noise: floa
                   "val": _episodes(num_val, VAL_SEED_OFFSET, world, 0.0, bar)}
         size = world.image_size
         with contextlib.redirect_stdout(io.StringIO()):  # tfds announces a "download" it does not do
-            write_rlds(tmp, DATASET_NAME, splits, ["image"], (size, size, 3), version=VERSION, image_encoding="png")
+            write_rlds(tmp, DATASET_NAME, splits, ["image", "wrist_image"], (size, size, 3), state_dim=3,
+                       version=VERSION, image_encoding="png")
         if os.path.exists(os.path.join(data_dir, DATASET_NAME)):
             shutil.rmtree(os.path.join(data_dir, DATASET_NAME))
         os.replace(os.path.join(tmp, DATASET_NAME), os.path.join(data_dir, DATASET_NAME))

@@ -7,6 +7,10 @@ only dx, dy and the gripper act on this planar world. Everything is numpy and de
 
 Tasks: ``pick`` (close the gripper on the named block) and ``place`` (carry the named block onto the
 plate and open the gripper there). Coordinates are in [0, 1]^2, x to the right, y down.
+
+Observations (``observe()``): ``image``, a fixed third-person camera over the whole table; ``wrist_image``,
+a camera centred on the gripper that moves with it; ``state`` = [x, y, gripper] (gripper 1 = open,
+0 = closed) for a proprio token.
 """
 from __future__ import annotations
 
@@ -139,15 +143,35 @@ class Tabletop:
             action[6] = 1.0 if at_goal else 0.0  # (place) open once on the plate
         return action
 
+    # -- observations ----------------------------------------------------------------------------
+    def state(self) -> np.ndarray:
+        """float32[3]: gripper x, y and opening (1 = open, 0 = closed)."""
+        return np.array([self.ee[0], self.ee[1], 0.0 if self.closed else 1.0], np.float32)
+
+    def observe(self) -> dict:
+        """What a robot's sensors give: third-person image, wrist image, proprio state."""
+        return {"image": self.render_scene(), "wrist_image": self.render(), "state": self.state()}
+
     # -- rendering -------------------------------------------------------------------------------
+    def render_scene(self) -> np.ndarray:
+        """A fixed camera looking straight down at the whole table (a third-person view)."""
+        s = self.config.image_size
+        margin = 0.05
+        yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s * (1 + 2 * margin) - margin
+        return self._draw(xx, yy)
+
     def render(self) -> np.ndarray:
         """The view of a camera looking straight down, centred on the gripper (it moves with it, as a
         wrist camera does): the gripper is always in the middle, the table slides underneath."""
         c = self.config
         s = c.image_size
-        img = np.empty((s, s, 3), np.uint8)
         yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s * (2 * c.view) - c.view
-        xx, yy = xx + self.ee[0], yy + self.ee[1]
+        return self._draw(xx + self.ee[0], yy + self.ee[1])
+
+    def _draw(self, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        """Paint the world at table coordinates (xx, yy), one pair per pixel."""
+        c = self.config
+        img = np.empty(xx.shape + (3,), np.uint8)
         img[:] = FLOOR
         img[(xx >= 0) & (xx <= 1) & (yy >= 0) & (yy <= 1)] = TABLE
         if self.plate is not None:
@@ -168,12 +192,12 @@ class Tabletop:
 
 def expert_episode(seed: int, task: Optional[str] = None, config: WorldConfig = WorldConfig(),
                    noise: float = 0.0) -> dict:
-    """Roll out the expert: -> {images uint8[T, S, S, 3], actions float32[T, 7], instruction, task,
-    success}. With ``noise`` > 0 the executed motion is perturbed (recorded actions stay the expert's
-    own, so the data shows how to recover from small errors)."""
+    """Roll out the expert: -> {images, wrist_images uint8[T, S, S, 3], states float32[T, 3], actions
+    float32[T, 7], instruction, task, success}. With ``noise`` > 0 the executed motion is perturbed
+    (recorded actions stay the expert's own, so the data shows how to recover from small errors)."""
     env = Tabletop(seed, task, config)
     noise_rng = np.random.default_rng(seed + 7_919)
-    images, actions = [env.render()], []
+    observations, actions = [env.observe()], []
     done = False
     while not done:
         action = env.expert_action()
@@ -181,7 +205,9 @@ def expert_episode(seed: int, task: Optional[str] = None, config: WorldConfig = 
         if noise:
             executed[:2] += noise_rng.normal(0.0, noise, 2)
         actions.append(action)
-        image, done, _ = env.step(executed)
-        images.append(image)
-    return {"images": np.stack(images[:-1]), "actions": np.stack(actions), "instruction": env.instruction,
-            "task": env.task, "success": env.success}
+        _, done, _ = env.step(executed)
+        observations.append(env.observe())
+    seen = observations[:-1]
+    return {"images": np.stack([o["image"] for o in seen]), "wrist_images": np.stack([o["wrist_image"] for o in seen]),
+            "states": np.stack([o["state"] for o in seen]), "actions": np.stack(actions),
+            "instruction": env.instruction, "task": env.task, "success": env.success}

@@ -25,7 +25,7 @@ from ovla_jax.checkpoints.hf_config import config_to_hf
 from ovla_jax.data.batch import BatchTransform, batch_spec, to_global_arrays
 from ovla_jax.data.errors import DataError
 from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches, usable_datasets
-from ovla_jax.models.config import OpenVLAConfig, from_config_dict, pixel_normalizations
+from ovla_jax.models.config import OFT_FIELDS, OpenVLAConfig, from_config_dict, pixel_normalizations
 from ovla_jax.models.lora import lora_from_config
 from ovla_jax.models.openvla import OpenVLA
 from ovla_jax.train import optimizer as O
@@ -37,6 +37,11 @@ from ovla_jax.train.step import Trainer
 log = logging.getLogger(__name__)
 
 SUM_KEYS = ("loss_sum", "tokens_sum", "correct_sum", "action_tokens_sum", "l1_sum")
+
+
+def _sums(metrics: dict) -> dict:
+    """The summable step metrics (``*_sum``: overall, per dataset, per action dim / chunk step)."""
+    return {k: v for k, v in metrics.items() if k.endswith("_sum")}
 
 
 class ConfigError(ValueError):
@@ -67,8 +72,19 @@ def make_tokenizer(spec: str, config: OpenVLAConfig):
 def model_config(config) -> tuple[OpenVLAConfig, dict]:
     """The model: the init checkpoint's own config.json when one is given, else ``config.model``."""
     if config.get("init_checkpoint"):
-        return read_config(config.init_checkpoint)
-    return from_config_dict(config.model), {}
+        # The backbone from the checkpoint; OFT settings given in config.model (e.g. fine-tuning OpenVLA
+        # into an OFT policy with fresh heads) override the checkpoint's own.
+        cfg, stats = read_config(config.init_checkpoint)
+        model = config.get("model") or {}
+        overrides = {k: model[k] for k in OFT_FIELDS if k in model and model[k] is not None}
+        try:
+            return dataclasses.replace(cfg, **overrides), stats
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+    try:
+        return from_config_dict(config.model), {}
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 def data_config(config, model_cfg: OpenVLAConfig) -> DataConfig:
@@ -80,6 +96,18 @@ def data_config(config, model_cfg: OpenVLAConfig) -> DataConfig:
         raise ConfigError(str(e)) from None
     if isinstance(fields.get("mixture"), (list, tuple)):
         fields["mixture"] = [tuple(x) for x in fields["mixture"]]
+    # What the model reads decides what the data gives: the chunk's future actions, the wrist camera and
+    # the proprio state (an explicit contradicting setting is an error, not silently overridden).
+    needs = {"wrist": model_cfg.num_images > 1, "proprio": model_cfg.proprio_dim > 0}
+    if model_cfg.num_images > 2:
+        raise ConfigError(f"model.num_images {model_cfg.num_images}: the data gives at most 2 cameras (primary, wrist)")
+    for name, needed in needs.items():
+        if name in fields and bool(fields[name]) != needed:
+            raise ConfigError(f"data.{name}={fields[name]} contradicts the model (num_images "
+                              f"{model_cfg.num_images}, proprio_dim {model_cfg.proprio_dim})")
+        fields[name] = needed
+    if model_cfg.parallel:
+        fields["future"] = max(int(fields.get("future", 0)), model_cfg.chunk - 1)
     known = {f.name for f in dataclasses.fields(DataConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -102,9 +130,10 @@ class TrainSetup:
 
     def batch_spec(self, batch_size: int, max_length: int) -> dict:
         """ShapeDtypeStructs of a global training batch, sharded on the batch axis."""
-        size = self.model_cfg.vision[0].image_size
-        return batch_spec(batch_size, max_length, size, 3 * len(self.model_cfg.vision),
-                          sharding=sharding.batch_sharding(self.mesh))
+        cfg = self.model_cfg
+        return batch_spec(batch_size, max_length, cfg.vision[0].image_size, 3 * len(cfg.vision) * cfg.num_images,
+                          action_dim=cfg.action_dim, sharding=sharding.batch_sharding(self.mesh),
+                          chunk=cfg.chunk if cfg.parallel else 0, proprio_dim=cfg.proprio_dim)
 
 
 def build(config, model_cfg: OpenVLAConfig, num_datasets: int, devices=None) -> TrainSetup:
@@ -126,7 +155,7 @@ def build(config, model_cfg: OpenVLAConfig, num_datasets: int, devices=None) -> 
     scan = bool(config.get("scan_layers", False))
     model = OpenVLA(model_cfg, dtype=jnp.dtype(config.dtype), lora=lora, remat=config.remat, scan_layers=scan)
     size = model_cfg.vision[0].image_size
-    example = {"pixel_values": np.zeros((1, size, size, 3 * len(model_cfg.vision)), np.float32),
+    example = {"pixel_values": np.zeros((1, size, size, 3 * len(model_cfg.vision) * model_cfg.num_images), np.float32),
                "input_ids": np.zeros((1, config.max_length), np.int32)}
     abstract_params = flax_meta.unbox(jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), example["pixel_values"], example["input_ids"])["params"]))
@@ -160,7 +189,7 @@ def _validation(trainer, params, val_frames, host_batch, bt, batch_sh, names, ma
     sums, n = None, 0
     for host in numpy_batches(val_frames, host_batch):
         metrics = trainer.eval(params, to_global_arrays(bt(host), batch_sh, names))
-        part = {k: metrics[k] for k in SUM_KEYS + tuple("per_dataset/" + k for k in SUM_KEYS)}
+        part = _sums(metrics)
         sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
         n += 1
         if n >= max_batches:
@@ -180,7 +209,8 @@ def train(config, workdir: str, *, progress: bool = True,
     host_batch = config.batch_size // pcount
     tokenizer = make_tokenizer(config.tokenizer, model_cfg)
     dc = data_config(config, model_cfg)
-    bt = BatchTransform(tokenizer, config.max_length, model_cfg.n_action_bins, window=dc.window)
+    bt = BatchTransform(tokenizer, config.max_length, model_cfg.n_action_bins, window=dc.window,
+                        chunk=model_cfg.chunk, parallel=model_cfg.parallel)
 
     ckpt = Checkpointer(fileio.join(workdir, "checkpoints"), save_every=config.save_every, keep=config.keep,
                         async_save=config.async_checkpoints)
@@ -248,7 +278,7 @@ def train(config, workdir: str, *, progress: bool = True,
                 state, metrics = step_fn(state, batch)
                 step += 1
                 pending_losses.append((step, metrics["loss"]))
-                part = {k: metrics[k] for k in SUM_KEYS + tuple("per_dataset/" + k for k in SUM_KEYS)}
+                part = _sums(metrics)
                 part["grad_norm_sum"] = metrics["grad_norm"]
                 sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
                 reporter.advance()

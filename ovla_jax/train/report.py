@@ -29,6 +29,10 @@ def summarize(sums: dict, dataset_names: list[str], prefix: str = "") -> dict:
     out[prefix + "loss"] = float(sums["loss_sum"]) / tokens
     out[prefix + "accuracy"] = float(sums["correct_sum"]) / actions
     out[prefix + "l1"] = float(sums["l1_sum"]) / actions
+    for kind, count in (("dim", "dim_count_sum"), ("step", "step_count_sum")):  # chunked (OFT) models
+        if f"l1_{kind}_sum" in sums:
+            per = np.asarray(sums[f"l1_{kind}_sum"]) / np.maximum(np.asarray(sums[count]), 1.0)
+            out.update({f"{prefix}l1_{kind}/{i}": float(v) for i, v in enumerate(per)})
     if len(dataset_names) > 1:
         t = np.maximum(np.asarray(sums["per_dataset/tokens_sum"]), 1.0)
         a = np.maximum(np.asarray(sums["per_dataset/action_tokens_sum"]), 1.0)

@@ -48,8 +48,10 @@ def label_positions(labels, num_patches: int, num_labels: int):
 def loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_labels: int, num_datasets: int, rng=None):
     """Mean cross-entropy over the labelled tokens, plus accuracy / L1 on the action tokens, overall and
     per dataset (arrays [N] of sums and counts, so they average correctly across steps and hosts).
-    ``rng`` (training only) drives dropout."""
+    ``rng`` (training only) drives dropout. Parallel (OFT) models: :func:`parallel_loss_and_metrics`."""
     cfg = model.config
+    if cfg.parallel:
+        return parallel_loss_and_metrics(params, model, batch, num_datasets=num_datasets, rng=rng)
     rngs = {"dropout": rng} if rng is not None else None
     hidden = model.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                          method=OpenVLA.hidden_states, rngs=rngs)
@@ -75,6 +77,57 @@ def loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_labels: int, nu
     metrics["loss"] = loss
     metrics["accuracy"] = correct.sum() / jnp.maximum(is_action.sum(), 1)
     metrics["l1"] = l1.sum() / jnp.maximum(is_action.sum(), 1)
+    return loss, metrics
+
+
+def parallel_loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_datasets: int, rng=None):
+    """OFT: one bidirectional pass; the states one before each action slot feed the head. ``l1``: mean
+    absolute error on the normalized chunk; ``parallel-tokens``: cross-entropy on the slots' action tokens
+    and the stop token. Chunk steps past the trajectory end (``action_mask``) take no loss. Metrics: L1
+    (of the head's or the argmax tokens' actions) overall, per action dim, per chunk step, per dataset."""
+    from ovla_jax.models.openvla import gather_slots
+
+    cfg = model.config
+    rngs = {"dropout": rng} if rng is not None else None
+    b, k, d = batch["actions"].shape
+    hidden = model.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                         batch.get("proprio"), batch["action_slots"], method=OpenVLA.hidden_states, rngs=rngs)
+    slots = gather_slots(hidden, batch["action_slots"], cfg)  # [B, K * D, H]
+    step_mask = batch.get("action_mask", jnp.ones((b, k), bool)).astype(jnp.float32)  # [B, K]
+    cell_mask = jnp.broadcast_to(step_mask[..., None], (b, k, d))
+    vocab = cfg.tokenizer_vocab_size
+    if cfg.action_head == "l1":
+        predicted = model.apply({"params": params}, slots, method=OpenVLA.regress)  # [B, K, D]
+        err = jnp.abs(predicted - batch["actions"]) * cell_mask
+        loss = err.sum() / jnp.maximum(cell_mask.sum(), 1.0)
+        correct = jnp.zeros((b,), jnp.float32)
+    else:
+        # The last slot's successor (the stop token) is predicted by the last slot's own state.
+        stop_index = jnp.argmax(batch["action_slots"], axis=1) + cfg.num_prefix_embeddings + cfg.num_action_slots - 1
+        last = jnp.take_along_axis(hidden, stop_index[:, None, None], axis=1)
+        logits = model.apply({"params": params}, jnp.concatenate([slots, last], axis=1), method=OpenVLA.logits)
+        targets = A.encode_actions(batch["actions"], vocab, cfg.n_action_bins, xp=jnp).reshape(b, k * d)
+        stop_target = jnp.take_along_axis(batch["input_ids"], (stop_index - cfg.num_prefix_embeddings + 1)[:, None], axis=1)
+        targets = jnp.concatenate([targets, stop_target.astype(jnp.int32)], axis=1)
+        weights = jnp.concatenate([cell_mask.reshape(b, k * d), jnp.ones((b, 1))], axis=1)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights
+        loss = ce.sum() / jnp.maximum(weights.sum(), 1.0)
+        tokens = jnp.argmax(logits[:, :-1], axis=-1)
+        predicted = A.decode_action_tokens(tokens, vocab, cfg.n_action_bins, xp=jnp).reshape(b, k, d)
+        correct = ((tokens == targets[:, :-1]) * cell_mask.reshape(b, k * d)).sum(1)
+        err = jnp.abs(predicted - batch["actions"]) * cell_mask
+    onehot = jax.nn.one_hot(batch.get("dataset_id", jnp.zeros(b, jnp.int32)), num_datasets)
+    per_example = {"loss": err.sum((1, 2)) if cfg.action_head == "l1" else ce.sum(1),
+                   "tokens": cell_mask.sum((1, 2)), "correct": correct, "action_tokens": cell_mask.sum((1, 2)),
+                   "l1": err.sum((1, 2))}
+    metrics = {f"{key}_sum": v.sum() for key, v in per_example.items()}
+    metrics.update({f"per_dataset/{key}_sum": onehot.T @ v.astype(jnp.float32) for key, v in per_example.items()})
+    cells = jnp.maximum(cell_mask.sum(), 1.0)
+    metrics["loss"] = loss
+    metrics["accuracy"] = correct.sum() / cells
+    metrics["l1"] = err.sum() / cells
+    metrics["l1_dim_sum"], metrics["dim_count_sum"] = err.sum((0, 1)), cell_mask.sum((0, 1))  # [D]
+    metrics["l1_step_sum"], metrics["step_count_sum"] = err.sum((0, 2)), cell_mask.sum((0, 2))  # [K]
     return loss, metrics
 
 

@@ -57,6 +57,7 @@ MIXTURES: dict[str, list[tuple[str, float]]] = {
         "carrot_in_bowl", "pour_corn_in_pot", "flip_pot_upright", "move_object_onto_plate", "knock_object_over",
         "cover_object_with_towel")},
     "droid_wipe": [("droid_wipe", 1.0)],
+    **{f"libero_{suite}_no_noops": [(f"libero_{suite}_no_noops", 1.0)] for suite in ("spatial", "object", "goal", "10")},
 }
 
 

@@ -44,6 +44,9 @@ class DatasetSpec:
     # BOUNDS_Q99 normalizes the 6 motion dims; the gripper (last) stays as is.
     action_normalization_mask: tuple = (True,) * 6 + (False,)
     drop_zero_motion: bool = False  # drop frames whose 6 motion dims are all zero (DROID's idle frames)
+    # Proprio: observation keys (after standardization) concatenated into the state the model reads;
+    # None = one zero column (upstream's padding). Empty = the dataset gives no proprio.
+    state_keys: tuple = ()
 
     @property
     def loads_for_vla(self) -> bool:
@@ -56,14 +59,16 @@ def _spec(primary, secondary=None, wrist=None, state=StateEncoding.POS_EULER, ac
 
 
 S, A = StateEncoding, ActionEncoding
+_EEF_PAD_GRIPPER = ("EEF_state", None, "gripper_state")  # POS_EULER: xyz + rpy, pad, gripper = 8-D
+_LIBERO = dict(wrist="wrist_image", state_keys=("EEF_state", "gripper_state"))  # 6 + 2 gripper joints = 8-D
 _TABLE = {
     # The built-in simulated tabletop of the demo (ovla_jax/sim): one 64px top-down camera, no state.
-    "ovla_tabletop": _spec("image", state=S.NONE),
+    "ovla_tabletop": _spec("image", wrist="wrist_image", state=S.NONE, state_keys=("state",)),
     "fractal20220817_data": _spec("image", state=S.POS_QUAT),
     "kuka": _spec("image", state=S.POS_QUAT),
-    "bridge_oxe": _spec("image", "image_1"),
-    "bridge_orig": _spec("image_0", "image_1"),
-    "bridge_dataset": _spec("image_0", "image_1"),
+    "bridge_oxe": _spec("image", "image_1", state_keys=_EEF_PAD_GRIPPER),
+    "bridge_orig": _spec("image_0", "image_1", state_keys=_EEF_PAD_GRIPPER),
+    "bridge_dataset": _spec("image_0", "image_1", state_keys=_EEF_PAD_GRIPPER),
     "taco_play": _spec("rgb_static", wrist="rgb_gripper"),
     "jaco_play": _spec("image", wrist="image_wrist"),
     "berkeley_cable_routing": _spec("image", "top_image", "wrist45_image", state=S.JOINT),
@@ -123,6 +128,8 @@ _TABLE = {
         "carrot_in_bowl", "pour_corn_in_pot", "flip_pot_upright", "move_object_onto_plate", "knock_object_over",
         "cover_object_with_towel")},
     "droid_wipe": _spec("exterior_image_2_left", wrist="wrist_image_left", drop_zero_motion=True),
+    # LIBERO (OpenVLA's and OFT's fine-tuning suites, no-op steps removed): EEF_POS actions, 8-D proprio.
+    **{f"libero_{suite}_no_noops": _spec("image", **_LIBERO) for suite in ("spatial", "object", "goal", "10")},
 }
 
 REGISTRY: dict[str, DatasetSpec] = {

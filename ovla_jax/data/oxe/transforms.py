@@ -55,6 +55,20 @@ def bridge_oxe(traj: Trajectory) -> Trajectory:
     return traj
 
 
+def libero(traj: Trajectory) -> Trajectory:
+    """LIBERO (``libero_*_no_noops``): the gripper command in [-1 open, 1 close] is clipped to [0, 1] and
+    inverted (1 = open); raw state [T, 8] = EEF xyz + axis-angle (6) + two gripper joints (2) gives
+    ``EEF_state`` = state[:, :6] and a 2-D ``gripper_state`` = state[:, -2:]."""
+    traj = dict(traj)
+    gripper = 1.0 - tf.clip_by_value(tf.cast(traj["action"][:, -1:], tf.float32), 0.0, 1.0)
+    traj["action"] = tf.concat([tf.cast(traj["action"][:, :6], tf.float32), gripper], axis=1)
+    observation = dict(traj["observation"])
+    observation["EEF_state"] = observation["state"][:, :6]
+    observation["gripper_state"] = observation["state"][:, -2:]
+    traj["observation"] = observation
+    return traj
+
+
 def identity(traj: Trajectory) -> Trajectory:
     """Datasets already in the standard form (e.g. the built-in demo dataset)."""
     return traj
@@ -149,6 +163,7 @@ STANDARDIZE = {
     # two exterior cameras at random; only the primary camera feeds the VLA, so that is not done here.
     "droid": recipe(field("action_dict/cartesian_velocity", 0, 6), inverted(field("action_dict/gripper_position"))),
     "droid_wipe": recipe(field("action_dict/cartesian_velocity", 0, 6), inverted(field("action_dict/gripper_position"))),
+    **{f"libero_{suite}_no_noops": libero for suite in ("spatial", "object", "goal", "10")},
     **{f"tdroid_{task}": recipe(_MOTION6, binarized(_LAST)) for task in (
         "carrot_in_bowl", "pour_corn_in_pot", "flip_pot_upright", "move_object_onto_plate", "knock_object_over",
         "cover_object_with_towel")},
