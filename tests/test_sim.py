@@ -1,6 +1,7 @@
 """The built-in tabletop: determinism, the expert, the success checks, the RLDS demo dataset through the
 normal pipeline, the evaluation harness, and a seconds-long `ovla-jax demo --quick`."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -114,10 +115,12 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     for key in ("success_rate", "random_success_rate", "expert_success_rate", "episodes", "wall_seconds"):
         assert key in summary, key
     assert summary["episodes"] == 6 and summary["expert_success_rate"] >= 0.95
-    for policy in ("openvla", "random", "expert"):
+    for policy in ("oft", "openvla", "random", "expert"):
         assert summary["success"][policy]["all"]["episodes"] == 2 * 3
+        assert summary["policies"][policy]["episodes"] == 2 * 3
+    assert summary["success_rate"] == summary["success"]["oft"]["all"]["success_rate"]
     assert summary["success"]["expert"]["all"]["success_rate"] >= 0.95
-    assert summary["train"]["steps"] == 6
+    assert summary["train"]["oft"]["steps"] == 6 and summary["train"]["openvla"]["steps"] == 6
     import matplotlib.image as mpimg
 
     for name in ("loss_curve.png", "filmstrip.png"):
@@ -126,7 +129,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
 
     # ovla-jax eval reads the same run back (train workdir -> merged params), with a JSON report
     out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(workdir / "run"), "--episodes", "2", "--tasks", "pick",
+    assert main(["eval", "--checkpoint", str(workdir / "run_openvla"), "--episodes", "2", "--tasks", "pick",
                  "--out", str(out), "--noprogress"]) == 0
     report = json.load(open(out))
     assert report["results"]["openvla"]["pick"]["episodes"] == 2
@@ -136,13 +139,36 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     from ovla_jax.convert import convert
     from ovla_jax.policy import OpenVLAPolicy
 
-    policy = OpenVLAPolicy.from_pretrained(str(workdir / "run"))
+    policy = OpenVLAPolicy.from_pretrained(str(workdir / "run_openvla"))
     envs = [Tabletop(s) for s in (1, 2)]
-    images = np.stack([e.render() for e in envs])
+    images = np.stack([e.render_scene() for e in envs])
     batch = policy.predict_action(images, [e.instruction for e in envs])
     one = policy.predict_action(images[1], envs[1].instruction)
     assert batch.shape == (2, 7) and one.shape == (7,) and np.allclose(one, batch[1])
-    convert(str(workdir / "run"), str(tmp_path / "hf"), "train", "hf", progress=False)
+
+    # the OFT policy: a chunk of 8 actions per example from the two cameras and the state
+    oft = OpenVLAPolicy.from_pretrained(str(workdir / "run_oft"))
+    wrist, states = np.stack([e.render() for e in envs]), np.stack([e.state() for e in envs])
+    chunks = oft.predict_action(images, [e.instruction for e in envs], wrist_images=wrist, proprio=states)
+    first = oft.predict_action(images[0], envs[0].instruction, wrist_images=wrist[0], proprio=states[0])
+    assert chunks.shape == (2, 8, 7) and first.shape == (8, 7)
+    np.testing.assert_allclose(first, chunks[0], atol=1e-5)
+    with pytest.raises(ValueError, match="proprio"):
+        oft.predict_action(images, [e.instruction for e in envs], wrist_images=wrist)
+    with pytest.raises(ValueError, match="wrist_images"):
+        oft.predict_action(images, [e.instruction for e in envs], proprio=states)
+    with pytest.raises(ValueError, match="wrist_images"):
+        policy.predict_action(images, [e.instruction for e in envs], wrist_images=wrist)
+    with pytest.raises(ValueError, match="action_head"):
+        OpenVLAPolicy.from_pretrained(str(workdir / "run_oft"), action_head="tokens")
+    convert(str(workdir / "run_oft"), str(tmp_path / "oft_hf"), "train", "hf", progress=False)
+    assert sorted(f for f in os.listdir(tmp_path / "oft_hf") if "--" in f) == [
+        "action_head--latest_checkpoint.pt", "action_head--latest_checkpoint.safetensors",
+        "proprio_projector--latest_checkpoint.pt", "proprio_projector--latest_checkpoint.safetensors"]
+    oft_hf = OpenVLAPolicy.from_pretrained(str(tmp_path / "oft_hf"), tokenizer="words", max_length=80)
+    np.testing.assert_allclose(oft_hf.predict_action(images, [e.instruction for e in envs], wrist_images=wrist,
+                                                     proprio=states), chunks, atol=1e-5)
+    convert(str(workdir / "run_openvla"), str(tmp_path / "hf"), "train", "hf", progress=False)
     hf_policy = OpenVLAPolicy.from_pretrained(str(tmp_path / "hf"), tokenizer="words", max_length=32)
     assert np.allclose(hf_policy.predict_action(images, [e.instruction for e in envs]), batch, atol=1e-6)
     assert main(["eval", "--checkpoint", str(tmp_path / "hf"), "--tokenizer", "words", "--max-length", "32",

@@ -34,7 +34,8 @@ from ovla_jax import fileio
 from ovla_jax.checkpoints.safetensors_io import dtype_from_name
 from ovla_jax.checkpoints.tensor_dir import TensorDir, read_json, write_tensor_dir
 from ovla_jax.checkpoints.errors import CheckpointError
-from ovla_jax.checkpoints.hf_config import REMOTE_CODE_FILES, config_from_hf, config_to_hf
+from ovla_jax.checkpoints import oft
+from ovla_jax.checkpoints.hf_config import OFT_KEY, REMOTE_CODE_FILES, config_from_hf, config_to_hf
 from ovla_jax.models.config import OpenVLAConfig
 from ovla_jax.models.openvla import OpenVLA
 
@@ -76,9 +77,23 @@ def _hf_module_name(part: str) -> str:
     return f"{match.group(1)}.{match.group(2)}" if match and match.group(1) in ("blocks", "layers") else part
 
 
+_HEAD_MODULES = {"norm": "ffn.0", "fc": "ffn.1"}  # OFT's MLPResNetBlock: ffn = [LayerNorm, Linear, ReLU]
+
+
+def _module_prefix(modules: list[str]) -> str:
+    """Flax module path -> PyTorch module path (OFT's L1 head nests its MLPResNet under ``model``)."""
+    if modules and modules[0] == "action_head":
+        rest = []
+        for m in modules[1:]:
+            block = re.match(r"^block_(\d+)$", m)
+            rest.append(f"mlp_resnet_blocks.{block.group(1)}" if block else _HEAD_MODULES.get(m, m))
+        return ".".join(["action_head", "model"] + rest)
+    return ".".join(_hf_module_name(m) for m in modules)
+
+
 def _entry(path: tuple[str, ...], shape: tuple[int, ...]) -> Entry:
     *modules, leaf = path
-    prefix = ".".join(_hf_module_name(m) for m in modules)
+    prefix = _module_prefix(modules)
     if leaf == "kernel" and len(shape) == 2:
         kind, hf_leaf, hf_shape = "linear", "weight", shape[::-1]
     elif leaf == "kernel" and len(shape) == 4:
@@ -145,11 +160,17 @@ INDEX_FILE = f"{HF.stem}.safetensors.index.json"
 
 
 def read_config(path: str) -> tuple[OpenVLAConfig, dict]:
-    """(config, norm_stats) from a checkpoint directory's config.json."""
+    """(config, norm_stats) from a checkpoint directory's config.json. A dir written by OFT itself (its
+    config.json is OpenVLA's, the head files lie beside it) gets its OFT settings from those files."""
     if not fileio.isdir(path):
         raise CheckpointError(f"{path}: checkpoint directory not found")
     file = fileio.join(path, CONFIG_FILE)
-    return config_from_hf(read_json(file), file)
+    raw = read_json(file)
+    if OFT_KEY not in raw:
+        inferred = oft.infer_fields(path, oft.find_files(path))
+        if inferred:
+            raw = dict(raw, **{OFT_KEY: inferred})
+    return config_from_hf(raw, file)
 
 
 def open_checked(path: str, layout: Layout, entries: list[Entry]) -> TensorDir:
@@ -181,17 +202,54 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", leave=False)
 
 
+class Source:
+    """Every tensor of a checkpoint dir, checked against the name map: in one safetensors set, or (HF
+    layout of an OFT model) the backbone there and each OFT component in its own file (``oft.py``)."""
+
+    def __init__(self, path: str, layout: Layout, entries: list[Entry]):
+        self.layout = layout
+        backbone = [e for e in entries if layout.name != "hf" or oft.component_of(e.path) is None]
+        self.tensors = open_checked(path, layout, backbone)
+        self.parts: dict = {}
+        components = sorted({oft.component_of(e.path) for e in entries if e not in backbone})
+        files = oft.find_files(path) if components else {}
+        for component in components:
+            want = {e.hf_name[len(component) + 1:]: e for e in entries if oft.component_of(e.path) == component}
+            state = oft.read_component(files, component, path)
+            where = files[component].get("safetensors") or files[component]["pt"]
+            missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+            if missing or extra:
+                raise CheckpointError(f"{where}: tensors do not match the {component} in config.json: missing "
+                                      f"{missing[:10]}, unexpected {extra[:10]}")
+            for key, e in want.items():
+                if tuple(state[key].shape) != e.hf_shape:
+                    raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(state[key].shape)}, expected "
+                                          f"{e.hf_shape}")
+                self.parts[e.path] = state[key]
+
+    def read(self, entry: Entry) -> np.ndarray:
+        """The tensor in the source's layout."""
+        if entry.path in self.parts:
+            return self.parts[entry.path]
+        return self.tensors.read(self.layout.key(entry))
+
+    def dtype(self, entry: Entry) -> np.dtype:
+        if entry.path in self.parts:
+            return np.dtype(self.parts[entry.path].dtype)
+        return dtype_from_name(self.tensors.dtype_name(self.layout.key(entry)))
+
+
 def load_checkpoint(path: str, layout: Layout, dtype: Optional[str] = None,
                     progress: bool = False) -> tuple[OpenVLAConfig, dict, dict]:
     """Checkpoint dir -> (config, params as nested dicts of numpy arrays, norm_stats)."""
     config, norm_stats = read_config(path)
     entries = name_map(config)
-    tensors = open_checked(path, layout, entries)
+    source = Source(path, layout, entries)
     target = DTYPES[dtype] if dtype else None
     flat = {}
     bar = _progress(len(entries), f"reading {path}", progress)
     for entry in entries:
-        flat[entry.path] = np.ascontiguousarray(layout.to_flax(entry, tensors.read(layout.key(entry))), dtype=target)
+        flat[entry.path] = np.ascontiguousarray(layout.to_flax(entry, source.read(entry)), dtype=target)
         if bar:
             bar.update()
     if bar:
@@ -276,7 +334,11 @@ def write_checkpoint(path: str, layout: Layout, config: OpenVLAConfig, norm_stat
                      carry_from: Optional[str] = None, overwrite: bool = False,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> None:
     """Write a checkpoint dir atomically: tensors (``produce_flax(entry)`` gives each in Flax layout,
-    called once, in order), config.json, carried files. ``dtypes`` maps entry path -> stored dtype."""
+    called once, in order), config.json, carried files. ``dtypes`` maps entry path -> stored dtype.
+    HF layout of an OFT model: its components go to OFT's per-component files (``oft.py``)."""
+    split = layout.name == "hf"
+    components = [e for e in entries if split and oft.component_of(e.path) is not None]
+    entries = [e for e in entries if e not in components]
     by_key = {layout.key(e): e for e in entries}
     items = [(layout.key(e), layout.shape(e), dtypes[e.path]) for e in entries]
 
@@ -289,10 +351,18 @@ def write_checkpoint(path: str, layout: Layout, config: OpenVLAConfig, norm_stat
     bar = _progress(len(entries), f"writing {path}", progress)
     with atomic_dir(path, overwrite) as tmp:
         write_tensor_dir(tmp, layout.stem, items, produce, max_shard_bytes, on_tensor=(lambda _: bar.update()) if bar else None)
+        by_component: dict = {}
+        for e in components:  # after the backbone: produce_flax is called in entry order
+            array = np.asarray(layout.from_flax(e, np.asarray(produce_flax(e))), dtype=dtypes[e.path])
+            by_component.setdefault(oft.component_of(e.path), {})[e.hf_name.split(".", 1)[1]] = array
+        for component, tensors in by_component.items():
+            oft.write_component(tmp, component, "latest", tensors)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config_to_hf(config, norm_stats, _dtype_label(set(dtypes.values())), has_remote_code), f, indent=2)
             f.write("\n")
         for file in carried:
+            if oft.is_component_file(file):
+                continue
             shutil.copy2(os.path.join(carry_from, file), os.path.join(tmp, file))
     if bar:
         bar.close()
@@ -320,10 +390,10 @@ def convert_checkpoint(src: str, dst: str, src_layout: Layout, dst_layout: Layou
     """Stream every tensor of ``src`` into ``dst`` (any layout to any layout), one at a time."""
     config, norm_stats = read_config(src)
     entries = name_map(config)
-    tensors = open_checked(src, src_layout, entries)
-    dtypes = {e.path: DTYPES[dtype] if dtype else dtype_from_name(tensors.dtype_name(src_layout.key(e))) for e in entries}
+    source = Source(src, src_layout, entries)
+    dtypes = {e.path: DTYPES[dtype] if dtype else source.dtype(e) for e in entries}
     write_checkpoint(dst, dst_layout, config, norm_stats, entries, dtypes,
-                     lambda e: src_layout.to_flax(e, tensors.read(src_layout.key(e))), carry_from=src, **kwargs)
+                     lambda e: src_layout.to_flax(e, source.read(e)), carry_from=src, **kwargs)
 
 
 def iter_hf_names(config: OpenVLAConfig) -> Iterator[tuple[str, tuple[int, ...]]]:

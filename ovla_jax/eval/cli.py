@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-key", default=None, help="dataset whose action statistics unnormalize the actions")
     p.add_argument("--max-length", type=int, default=None, help="prompt length (default: the training one, or 160)")
     p.add_argument("--baselines", action="store_true", help="also run the random and expert policies")
+    p.add_argument("--execute", type=int, default=None,
+                   help="chunked (OFT) policies: steps of each chunk to run before re-planning (default: all)")
     p.add_argument("--record", type=int, default=0, help="episodes per task to draw into a filmstrip")
     p.add_argument("--out", default=None, help="write the results as JSON here (and the filmstrip next to it)")
     p.add_argument("--noprogress", action="store_true")
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if args.baselines:
             policies.update(random=E.random_policy(args.seed), expert=E.expert_policy)
         episodes = {name: E.rollout(fn, args.episodes, tasks, seed=args.seed, record=args.record if name == "openvla" else 0,
-                                    progress=not args.noprogress)
+                                    progress=not args.noprogress, execute=args.execute if name == "openvla" else None)
                     for name, fn in policies.items()}
     except (CheckpointError, ConfigError, ValueError, KeyError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
