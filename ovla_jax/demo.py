@@ -24,12 +24,14 @@ import time
 DEFAULTS = dict(episodes=800, steps=3000, ar_steps=3000, batch_size=32, eval_episodes=50)
 QUICK = dict(episodes=24, steps=6, ar_steps=6, batch_size=8, eval_episodes=3)
 OFT = dict(action_head="l1", chunk=8, num_images=2, proprio_dim=3)  # the demo's OFT policy
-POLICIES = ("oft", "openvla")  # the trained rows: OFT (main), autoregressive OpenVLA
+POLICIES = ("openvla", "oft")  # trained in this order: OFT fine-tunes the autoregressive OpenVLA
 
 
-def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, policy: str = "oft"):
+def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, policy: str = "oft",
+                init_checkpoint: str = ""):
     """The demo's training config (also ``configs/train/demo.py``): the ``tiny`` model at 56px, as the
-    OFT policy (``policy="oft"``) or the autoregressive OpenVLA (``"openvla"``)."""
+    OFT policy (``policy="oft"``) or the autoregressive OpenVLA (``"openvla"``). ``init_checkpoint``: a
+    converted checkpoint to start from (OFT's recipe: fine-tune a trained OpenVLA; the heads start fresh)."""
     import ml_collections
 
     from ovla_jax.sim.dataset import DATASET_NAME
@@ -43,7 +45,7 @@ def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, 
                  num_kv_heads=None, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048),
         vision_overrides=dict(layerscale_init=0.1), pad_token_id=320, pad_to_multiple_of=64, n_action_bins=256,
         **(OFT if policy == "oft" else {})))
-    c.init_checkpoint = ""
+    c.init_checkpoint = init_checkpoint
     c.tokenizer = "words"  # one token per word: the tiny LLM sees "red" as one symbol
     c.max_length = 80 if policy == "oft" else 32  # OFT: + 8 x 7 action slots + the stop token
     c.data = ml_collections.ConfigDict(dict(
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if "oft" not in trained:
         print("demo: --steps must be > 0 (the OFT policy is the demo's main result)", file=sys.stderr)
         return 2
-    results_train = {}
+    results_train, init = {}, ""
     for policy_name in trained:
         run_dir = run_dirs[policy_name]
         if args.fresh and os.path.isdir(run_dir):
@@ -130,11 +132,17 @@ def run(args: argparse.Namespace) -> int:
             "autoregressive OpenVLA (7 tokens)"
         say(f"[2/3] training the {label} for {steps[policy_name]} steps (batch {s['batch_size']}): {run_dir}")
         t = time.time()
-        result = train(demo_config(data_dir, steps[policy_name], s["batch_size"], args.seed, policy_name), run_dir,
-                       progress=progress)
+        config = demo_config(data_dir, steps[policy_name], s["batch_size"], args.seed, policy_name,
+                             init if policy_name == "oft" else "")
+        result = train(config, run_dir, progress=progress)
         if result.status != "done":
             print(f"demo: training the {policy_name} policy stopped: {result.message}", file=sys.stderr)
             return 1
+        if policy_name == "openvla":  # OFT starts from it, as OpenVLA-OFT fine-tunes OpenVLA
+            from ovla_jax.convert import convert
+
+            init = os.path.join(workdir, "openvla_export")
+            convert(run_dir, init, "train", "jax", progress=False, overwrite=True)
         last = [h for h in _history(run_dir) if "train/loss" in h]
         results_train[policy_name] = {
             "steps": result.step, "batch_size": s["batch_size"], "seconds": round(time.time() - t, 1),

@@ -52,7 +52,7 @@ def load_sharded_params(path: str, abstract_params, progress: bool = False) -> d
     layout = checkpoint_layout(path)
     config, _ = hf.read_config(path)
     entries = hf.name_map(config)
-    tensors = hf.open_checked(path, layout, entries)
+    source = hf.Source(path, layout, entries)
     targets = traverse_util.flatten_dict(abstract_params)
     direct, stacks = [], {}
     for entry in entries:
@@ -66,7 +66,7 @@ def load_sharded_params(path: str, abstract_params, progress: bool = False) -> d
                                   f"is the model config the checkpoint's?")
 
     def read(entry):
-        host = layout.to_flax(entry, tensors.read(layout.key(entry)))
+        host = layout.to_flax(entry, source.read(entry))
         if bar:
             bar.update()
         return host
