@@ -74,3 +74,31 @@ def test_droid_recipe_reads_the_action_dict_and_inverts_the_gripper():
     out = STANDARDIZE["droid"](raw)["action"].numpy()
     np.testing.assert_allclose(out, np.concatenate([vel, [[1.0], [0.0], [0.75], [0.0]]], axis=1))
     assert registry.REGISTRY["droid"].drop_zero_motion
+
+
+def test_libero_raw_schema_inverts_the_gripper_and_splits_the_state():
+    raw_action = np.array([[0.1] * 6 + [-1.0], [0.2] * 6 + [1.0], [0.3] * 6 + [0.4]], np.float32)
+    state = np.arange(24, dtype=np.float32).reshape(3, 8)
+    traj = {"action": tf.constant(raw_action), "language_instruction": tf.constant([b"put the bowl"] * 3),
+            "observation": {"state": tf.constant(state), "image": tf.zeros((3, 4, 4, 3), tf.uint8),
+                            "wrist_image": tf.zeros((3, 4, 4, 3), tf.uint8)}}
+    for suite in ("spatial", "object", "goal", "10"):
+        name = f"libero_{suite}_no_noops"
+        spec = registry.get_spec(name)
+        assert spec.cameras["primary"] == "image" and spec.cameras["wrist"] == "wrist_image"
+        assert spec.state_encoding == registry.StateEncoding.POS_EULER and spec.loads_for_vla
+        assert mixtures.get_mixture(name) == [(name, 1.0)]
+        out = STANDARDIZE[name](traj)
+        np.testing.assert_allclose(out["action"].numpy()[:, :6], raw_action[:, :6])
+        np.testing.assert_allclose(out["action"].numpy()[:, 6], [1.0, 0.0, 0.6], atol=1e-6)  # 1 - clip(g, 0, 1)
+        np.testing.assert_array_equal(out["observation"]["EEF_state"].numpy(), state[:, :6])
+        np.testing.assert_array_equal(out["observation"]["gripper_state"].numpy(), state[:, -2:])
+        from ovla_jax.data.proprio import proprio_of
+
+        np.testing.assert_array_equal(proprio_of(out, spec).numpy(), np.concatenate([state[:, :6], state[:, -2:]], 1))
+
+
+def test_registry_reaches_every_official_dataset_and_mixture():
+    official = [n for n in registry.REGISTRY if n != "ovla_tabletop"]
+    assert len(official) == 70
+    assert len([m for m in mixtures.MIXTURES if m != "bridge_dataset"]) == 18
