@@ -1,0 +1,81 @@
+"""Actions per second of an OpenVLA-OFT policy (L1 head, chunk 8, one forward pass per chunk) against the
+autoregressive OpenVLA (7 KV-cached greedy tokens per action) on the same backbone, batch 1, in one
+process, through ``OpenVLAPolicy.predict_action`` (preprocessing included).
+
+    python bench/bench_policy.py [--size tiny|mid] [--repeats 20]
+
+``tiny`` is the demo's model (56px tiny towers, 2-layer 64-wide Llama); ``mid`` has 224px towers of
+width 256 x 6 blocks and a 4-layer 512-wide Llama (vocab 32064), where the LLM weighs more. Random
+weights: speed does not depend on them. Prints both rates and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+import numpy as np
+
+
+def build(size: str):
+    from ovla_jax.models.config import LlamaConfig, openvla_config, tiny_openvla_config
+
+    if size == "tiny":
+        base = tiny_openvla_config(image_size=56)
+    else:
+        llm = LlamaConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8)
+        base = openvla_config("dinosiglip-vit-tiny", llm=llm, image_size=224,
+                              vision_overrides=dict(width=256, depth=6, num_heads=4, mlp_dim=1024),
+                              hf=json.dumps({"vision_backbone_id": "dinosiglip-vit-tiny", "llm_backbone_id": "llama2-tiny"}))
+    oft = dataclasses.replace(base, action_head="l1", chunk=8, num_images=2, proprio_dim=3)
+    return base, oft
+
+
+def policy_for(config, seed: int = 0):
+    from ovla_jax.checkpoints.hf import abstract_params
+    from ovla_jax.policy import OpenVLAPolicy
+    from ovla_jax.tokenizer import WordTokenizer
+
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.02).astype(np.float32), abstract_params(config))
+    stats = {"toy": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]},
+                     "proprio": {"q01": [0.0] * 3, "q99": [1.0] * 3, "min": [0.0] * 3, "max": [1.0] * 3}}}
+    tok = WordTokenizer(config.tokenizer_vocab_size, config.n_action_bins) if config.tokenizer_vocab_size <= 4096 else None
+    if tok is None:
+        from ovla_jax.tokenizer import CharTokenizer
+
+        tok = CharTokenizer(config.tokenizer_vocab_size, config.n_action_bins)
+    return OpenVLAPolicy(config, params, tok, stats, max_length=160)
+
+
+def actions_per_second(policy, repeats: int, chunked: bool) -> float:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (64, 64, 3), np.uint8)
+    kw = dict(wrist_images=image, proprio=np.array([0.5, 0.5, 1.0], np.float32)) if chunked else {}
+    policy.predict_action(image, "pick up the red block", **kw)  # compile
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = policy.predict_action(image, "pick up the red block", **kw)
+    seconds = time.perf_counter() - start
+    per_call = out.shape[0] if chunked else 1
+    return repeats * per_call / seconds
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("tiny", "mid"), default="tiny")
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args(argv)
+    base, oft = build(args.size)
+    ar_rate = actions_per_second(policy_for(base), args.repeats, chunked=False)
+    oft_rate = actions_per_second(policy_for(oft), args.repeats, chunked=True)
+    print(f"{args.size} backbone, batch 1, {args.repeats} calls each, {jax.devices()[0].platform}:")
+    print(f"  autoregressive OpenVLA (7 greedy tokens):        {ar_rate:8.2f} actions/s")
+    print(f"  OpenVLA-OFT (L1 head, chunk 8, 2 images, proprio): {oft_rate:8.2f} actions/s")
+    print(f"  ratio OFT / autoregressive: {oft_rate / ar_rate:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
