@@ -23,7 +23,7 @@ import time
 
 DEFAULTS = dict(episodes=800, steps=3000, ar_steps=3000, batch_size=32, eval_episodes=50)
 QUICK = dict(episodes=24, steps=6, ar_steps=6, batch_size=8, eval_episodes=3)
-OFT = dict(action_head="l1", chunk=8, num_images=2, proprio_dim=3)  # the demo's OFT policy
+OFT = dict(action_head="l1", chunk=8, num_images=2, proprio_dim=3, film=False)  # the demo's OFT policy
 POLICIES = ("openvla", "oft")  # trained in this order: OFT fine-tunes the autoregressive OpenVLA
 
 

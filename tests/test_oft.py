@@ -229,3 +229,35 @@ def test_a_checkpoint_written_by_oft_itself_gets_its_settings_from_the_head_file
     inferred, _ = hf.read_config(str(src))
     assert inferred.oft_fields == dict(config.oft_fields, head_hidden=config.llm.hidden_size)
     assert oft.find_files(str(src))["action_head"]["step"] == "latest"
+
+
+def test_film_language_modulates_the_towers_and_scans_like_unrolled():
+    from ovla_jax.models.scan import stack_layers
+
+    config = dataclasses.replace(oft_config(), film=True)
+    params = random_params(config, seed=7)
+    assert "scale" in params["vision_backbone"]["featurizer"]["blocks_0"]
+    ids, mask, slots, pixels, proprio = make_inputs([6])
+    model = OpenVLA(config)
+    base = hidden(model, params, ids, mask, slots, pixels, proprio)
+    reworded = ids.copy()
+    reworded[0, 2] = 40  # another prompt word: the patches themselves change (through FiLM)
+    patches = model.config.num_patches
+
+    def patch_embeddings(i):  # before the LLM: only FiLM lets the words reach them
+        embeds, _ = model.apply({"params": params}, pixels, i, mask, proprio, slots, method=OpenVLA.embed_inputs)
+        return np.asarray(embeds)[0, 1:1 + patches]
+
+    assert np.abs(patch_embeddings(reworded) - patch_embeddings(ids)).max() > 1e-4
+    plain = OpenVLA(dataclasses.replace(config, film=False))
+    no_film = {**params, "vision_backbone": jax.tree.map(lambda x: x, params["vision_backbone"])}
+    for tower in no_film["vision_backbone"].values():
+        for block in tower.values():
+            if isinstance(block, dict):
+                block.pop("scale", None), block.pop("shift", None)
+    embeds, _ = plain.apply({"params": no_film}, pixels, reworded, mask, proprio, slots, method=OpenVLA.embed_inputs)
+    embeds_ids, _ = plain.apply({"params": no_film}, pixels, ids, mask, proprio, slots, method=OpenVLA.embed_inputs)
+    np.testing.assert_array_equal(np.asarray(embeds)[0, 1:1 + patches], np.asarray(embeds_ids)[0, 1:1 + patches])
+    scanned = OpenVLA(config, scan_layers=True)
+    np.testing.assert_allclose(hidden(scanned, stack_layers(params), ids, mask, slots, pixels, proprio), base,
+                               atol=1e-5, rtol=1e-5)

@@ -155,3 +155,50 @@ def test_bidirectional_parallel_pass_matches_transformers_llama_with_a_padding_o
         causal = llm.model(inputs_embeds=torch.from_numpy(np.asarray(embeds)),
                            attention_mask=torch.from_numpy(np.asarray(full_mask)).long()).last_hidden_state.numpy()
     assert np.abs(np.asarray(gather_slots(jnp.asarray(causal), jnp.asarray(slots), config)) - theirs_at_slots).max() > 1e-3
+
+
+def test_film_matches_a_torch_restatement_on_timm_blocks(tmp_path):
+    """OFT+'s FiLM: in every ViT block, after the attention residual, x * (1 + scale(l)) + shift(l), with
+    l the mean embedding of the non-slot prompt tokens; timm blocks re-run by hand with that inserted."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    config = dataclasses.replace(tiny_openvla_config(), film=True)
+    rng = np.random.default_rng(4)
+    import jax
+
+    params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.2).astype(np.float32), hf.abstract_params(config))
+    hf.save_hf_checkpoint(str(tmp_path / "film"), config, params)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "film" / "model.safetensors"))
+    dino = VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2,
+                             init_values=1e-5, reg_tokens=4, no_embed_class=True, num_classes=0).eval()
+    prefix = "vision_backbone.featurizer."
+    own = {k[len(prefix):].replace(".scale_factor", ".gamma"): v for k, v in weights.items() if k.startswith(prefix)}
+    film = {k: v for k, v in own.items() if ".scale." in k or ".shift." in k}
+    dino.load_state_dict({k: v for k, v in own.items() if k not in film})
+
+    ids = np.array([[1, 9, 12, 30, 5, 320, 320]], np.int32)
+    mask = ids != 320
+    pixels = rng.uniform(-2, 2, (1, 28, 28, 6)).astype(np.float32)
+    model = OpenVLA(config)
+    text = np.asarray(model.apply({"params": params}, jnp.asarray(ids), method=lambda m, i: m.language_model.embed(i)))
+    language = torch.from_numpy(text[0, mask[0]].mean(0, keepdims=True))
+    ours = model.apply({"params": params}, pixels, method=OpenVLA.embed_images,
+                       language=jnp.asarray(language.numpy()))
+    with torch.no_grad():
+        x = dino._pos_embed(dino.patch_embed(torch.from_numpy(pixels[..., :3]).permute(0, 3, 1, 2)))
+        for i, block in enumerate(dino.blocks[:2]):  # the feature block is the second to last
+            x = x + block.ls1(block.attn(block.norm1(x)))
+            gamma = torch.nn.functional.linear(language, film[f"blocks.{i}.scale.weight"], film[f"blocks.{i}.scale.bias"])
+            beta = torch.nn.functional.linear(language, film[f"blocks.{i}.shift.weight"], film[f"blocks.{i}.shift.bias"])
+            x = x * (1 + gamma[:, None]) + beta[:, None]
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        theirs = x[:, 5:].numpy()
+    ours_dino = model.apply({"params": params}, jnp.asarray(pixels), jnp.asarray(language.numpy()),
+                            method=lambda m, p, l: m.vision_backbone(p, l))[..., :32]
+    np.testing.assert_allclose(np.asarray(ours_dino), theirs, atol=1e-4, rtol=1e-4)
+    assert ours.shape == (1, config.num_patches, config.llm.hidden_size)
+    with torch.no_grad():  # the check bites: the same blocks without FiLM give other features
+        plain = dino.get_intermediate_layers(torch.from_numpy(pixels[..., :3]).permute(0, 3, 1, 2), n=[1])[0].numpy()
+    assert np.abs(plain - theirs).max() > 1e-2

@@ -44,10 +44,11 @@ class VisionBackbone(nn.Module):
     lora: Optional[LoRA] = None
     remat: str = "none"
     scan: bool = False
+    film: bool = False
 
     @nn.compact
-    def __call__(self, pixel_values):
-        """float[B, H, W, 3 * towers] -> float[B, P, sum(widths)]."""
+    def __call__(self, pixel_values, language=None):
+        """float[B, H, W, 3 * towers] (and, with FiLM, language float[B, L]) -> float[B, P, sum(widths)]."""
         expected = 3 * len(self.towers)
         if pixel_values.shape[-1] != expected:
             raise ValueError(f"pixel_values has {pixel_values.shape[-1]} channels; {len(self.towers)} "
@@ -56,8 +57,8 @@ class VisionBackbone(nn.Module):
         features = []
         for i, cfg in enumerate(self.towers):
             tower = ViT(cfg, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, remat=self.remat,
-                        scan=self.scan, name=names[i])
-            features.append(tower(pixel_values[..., 3 * i:3 * i + 3])[0])
+                        scan=self.scan, film=self.film, name=names[i])
+            features.append(tower(pixel_values[..., 3 * i:3 * i + 3], language=language)[0])
         return jnp.concatenate(features, axis=-1) if len(features) > 1 else features[0]
 
 
@@ -82,7 +83,7 @@ class OpenVLA(nn.Module):
         if len(cfg.vision) > 2:
             raise ValueError(f"at most two vision towers are supported, got {len(cfg.vision)}")
         self.vision_backbone = VisionBackbone(tuple(cfg.vision), lora=self.lora, remat=self.remat,
-                                              scan=self.scan_layers, **kw)
+                                              scan=self.scan_layers, film=cfg.film, **kw)
         self.projector = Projector(cfg.projector, cfg.llm.hidden_size, lora=self.lora, **kw)
         self.language_model = LlamaForCausalLM(cfg.llm, lora=self.lora, remat=self.remat, scan=self.scan_layers, **kw)
         if cfg.proprio_dim:
@@ -90,18 +91,21 @@ class OpenVLA(nn.Module):
         if cfg.action_head == "l1":
             self.action_head = L1ActionHead(cfg.chunk, cfg.action_dim, cfg.head_hidden or cfg.llm.hidden_size, **kw)
 
-    def embed_images(self, pixel_values):
+    def embed_images(self, pixel_values, language=None):
         """float[B, H, W, C * num_images] -> float[B, num_images * P, D] projected patch embeddings: every
-        image goes through every tower (as one batch), patches concatenated image by image."""
+        image goes through every tower (as one batch), patches concatenated image by image. ``language``
+        float[B, D]: FiLM's language vector (FiLM models only)."""
         n, per_image = self.config.num_images, 3 * len(self.config.vision)
         if pixel_values.shape[-1] != n * per_image:
             raise ValueError(f"pixel_values has {pixel_values.shape[-1]} channels; {n} image(s) x "
                              f"{len(self.config.vision)} tower(s) need {n * per_image} (NHWC, 3 per tower per image)")
         if n == 1:
-            return self.projector(self.vision_backbone(pixel_values))
+            return self.projector(self.vision_backbone(pixel_values, language))
         b, h, w, _ = pixel_values.shape
         images = jnp.moveaxis(pixel_values.reshape(b, h, w, n, per_image), 3, 0).reshape(n * b, h, w, per_image)
-        patches = self.projector(self.vision_backbone(images))
+        if language is not None:
+            language = jnp.tile(language, (n, 1))  # image-major, like the stacked images
+        patches = self.projector(self.vision_backbone(images, language))
         return jnp.moveaxis(patches.reshape(n, b, *patches.shape[1:]), 0, 1).reshape(b, -1, patches.shape[-1])
 
     def embed_inputs(self, pixel_values, input_ids, attention_mask=None, proprio=None, action_slots=None):
@@ -110,7 +114,10 @@ class OpenVLA(nn.Module):
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
-        prefix = self.embed_images(pixel_values)
+        text = self.language_model.embed(input_ids)
+        language = film_language(text, attention_mask, action_slots) if cfg.film else None
+        prefix = self.embed_images(pixel_values, language)
+        text = text.astype(prefix.dtype)
         if cfg.proprio_dim:
             if proprio is None:
                 if not self.is_initializing():
@@ -120,7 +127,6 @@ class OpenVLA(nn.Module):
             if proprio.shape[-1] != cfg.proprio_dim:
                 raise ValueError(f"proprio has {proprio.shape[-1]} dims; the model was built for {cfg.proprio_dim}")
             prefix = jnp.concatenate([prefix, self.proprio_projector(proprio).astype(prefix.dtype)], axis=1)
-        text = self.language_model.embed(input_ids).astype(prefix.dtype)
         if action_slots is not None:
             text = jnp.where(action_slots[..., None], jnp.zeros((), text.dtype), text)
         embeds = jnp.concatenate([text[:, :1], prefix, text[:, 1:]], axis=1)
@@ -164,6 +170,16 @@ class OpenVLA(nn.Module):
         embeds = self.language_model.embed(token_ids)
         hidden, cache = self.language_model.hidden(embeds, jnp.ones(token_ids.shape, bool), cache)
         return self.language_model.logits(hidden), cache
+
+
+def film_language(text, attention_mask, action_slots=None):
+    """FiLM's language vector: the mean input embedding of the real tokens that are not action slots
+    (OFT averages the non-action part of its unpadded sequence) -> float32[B, D]."""
+    keep = attention_mask.astype(bool)
+    if action_slots is not None:
+        keep = keep & ~action_slots.astype(bool)
+    weights = keep.astype(jnp.float32)[..., None]
+    return (text.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
 
 
 def slot_positions(action_slots, num_prefix: int, num_slots: int):

@@ -73,15 +73,18 @@ class SelfAttention(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-norm transformer block, optional LayerScale on both residual branches."""
+    """Pre-norm transformer block, optional LayerScale on both residual branches. With ``film`` (OFT+),
+    the language vector float[B, L] modulates the stream after the attention residual:
+    ``x * (1 + gamma) + beta`` with gamma = ``scale``(language), beta = ``shift``(language)."""
 
     cfg: ViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     lora: Optional[LoRA] = None
+    film: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, language=None):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, ax.BATCH, ax.LENGTH, ax.ACT_EMBED)
         y = layer_norm(cfg.norm_eps, name="norm1", **kw)(x)
@@ -89,6 +92,12 @@ class ViTBlock(nn.Module):
         if cfg.layerscale:
             y = LayerScale(cfg.width, cfg.layerscale_init, name="ls1", **kw)(y)
         x = x + y
+        if self.film:
+            if language is None:
+                raise ValueError("a FiLM ViT block needs the language vector (mean prompt embedding)")
+            gamma = dense(cfg.width, (None, ax.EMBED), name="scale", **kw)(language)[:, None, :]
+            beta = dense(cfg.width, (None, ax.EMBED), name="shift", **kw)(language)[:, None, :]
+            x = x * (1 + gamma) + beta
         y = layer_norm(cfg.norm_eps, name="norm2", **kw)(x)
         y = MlpBlock(cfg.mlp_dim, cfg.width, name="mlp", lora=self.lora, **kw)(y)
         if cfg.layerscale:
@@ -103,11 +112,11 @@ class ScannedViTBlock(ViTBlock):
 
     collect: bool = False
 
-    def __call__(self, x, active):
+    def __call__(self, x, active, language=None):
         if self.is_initializing():
-            x = ViTBlock.__call__(self, x)
+            x = ViTBlock.__call__(self, x, language)
         else:
-            x = nn.cond(active, lambda block, y: ViTBlock.__call__(block, y), lambda block, y: y, self, x)
+            x = nn.cond(active, lambda block, y: ViTBlock.__call__(block, y, language), lambda block, y: y, self, x)
         return x, (x if self.collect else None)
 
 
@@ -171,9 +180,10 @@ class ViT(nn.Module):
     lora: Optional[LoRA] = None
     remat: str = "none"  # see ovla_jax.models.remat.POLICIES
     scan: bool = False  # blocks as one nn.scan over stacked params (ovla_jax.models.scan)
+    film: bool = False  # every block FiLM-modulated by a language vector (OFT+)
 
     @nn.compact
-    def __call__(self, images, *, full: bool = False):
+    def __call__(self, images, *, full: bool = False, language=None):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b = images.shape[0]
         x = PatchEmbed(cfg.width, cfg.patch_size, name="patch_embed", **kw)(images)
@@ -202,9 +212,10 @@ class ViT(nn.Module):
         last = cfg.depth - 1 if run_all else cfg.feature_block
         intermediates = {}
         if self.scan:
-            blocks = scanned(ScannedViTBlock, length=cfg.depth, remat=self.remat)
+            blocks = scanned(ScannedViTBlock, length=cfg.depth, remat=self.remat, in_axes=(0, nn.broadcast))
             active = jnp.arange(cfg.depth) <= last
-            x, outputs = blocks(cfg, name="blocks", lora=self.lora, collect=full, **kw)(x, active)
+            x, outputs = blocks(cfg, name="blocks", lora=self.lora, film=self.film, collect=full, **kw)(
+                x, active, language)
             if full:
                 intermediates.update({f"block_{i}": outputs[i] for i in range(cfg.depth)})
             else:  # the blocks after the feature block were skipped: x is the feature block's output
@@ -212,7 +223,7 @@ class ViT(nn.Module):
         else:
             Block = remat_module(ViTBlock, self.remat)
             for i in range(last + 1):
-                x = Block(cfg, name=f"blocks_{i}", lora=self.lora, **kw)(x)
+                x = Block(cfg, name=f"blocks_{i}", lora=self.lora, film=self.film, **kw)(x, language)
                 intermediates[f"block_{i}"] = x
         features = intermediates[f"block_{cfg.feature_block}"][:, cfg.num_prefix_tokens:]
         if run_all:

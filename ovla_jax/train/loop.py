@@ -160,7 +160,11 @@ def build(config, model_cfg: OpenVLAConfig, num_datasets: int, devices=None) -> 
     abstract_params = flax_meta.unbox(jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), example["pixel_values"], example["input_ids"])["params"]))
     opt = config.optimizer
-    lr = O.schedule(opt.schedule, opt.lr, total_steps=config.num_steps, warmup_steps=opt.warmup_steps)
+    try:
+        lr = O.schedule(opt.schedule, opt.lr, total_steps=config.num_steps, warmup_steps=opt.warmup_steps,
+                        decay_steps=int(opt.get("decay_steps", 0) or 0))
+    except ValueError as e:
+        raise ConfigError(f"optimizer: {e}") from None
     try:
         patterns = O.trainable_patterns(config.mode, model_cfg.llm.num_layers, scan)
         tx = O.make_optimizer(abstract_params, lr_schedule=lr, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,

@@ -23,6 +23,11 @@ MODES: dict[str, tuple[str, ...]] = {
 }
 
 
+# OpenVLA-OFT's new parts train fully in every mode (as OFT: LoRA on the backbone, heads trained whole):
+# the action head, the proprio projector and FiLM's per-block scale / shift.
+OFT_PARTS = ("^action_head/", "^proprio_projector/", r"^vision_backbone/.*/(scale|shift)/")
+
+
 def trainable_patterns(mode: str, num_llm_layers: int, scan_layers: bool = False) -> list[str]:
     if mode not in MODES:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; choose from {sorted(MODES)}")
@@ -30,7 +35,7 @@ def trainable_patterns(mode: str, num_llm_layers: int, scan_layers: bool = False
         # A scanned model holds all LLM layers in one stacked param: one layer cannot be picked by path.
         raise ValueError(f"fine-tuning mode {mode!r} trains one LLM layer, which scan_layers=True stacks "
                          f"with the others; set scan_layers=False for it")
-    return [p.replace("{last}", str(num_llm_layers - 1)) for p in MODES[mode]]
+    return [p.replace("{last}", str(num_llm_layers - 1)) for p in MODES[mode]] + list(OFT_PARTS)
 
 
 def trainable_labels(params, patterns: Sequence[str]):
@@ -51,13 +56,18 @@ def trainable_mask(params, patterns: Sequence[str]):
     return jax.tree.map(lambda label: label == "train", trainable_labels(params, patterns))
 
 
-def schedule(kind: str, lr: float, total_steps: int = 1, warmup_steps: int = 0, end_fraction: float = 0.0):
+def schedule(kind: str, lr: float, total_steps: int = 1, warmup_steps: int = 0, end_fraction: float = 0.0,
+             decay_steps: int = 0):
     if kind == "constant":
         return optax.constant_schedule(lr)
+    if kind == "step_decay":  # OFT: lr, then lr x 0.1 from ``decay_steps`` on
+        if decay_steps <= 0:
+            raise ValueError("schedule 'step_decay' needs optimizer.decay_steps > 0")
+        return optax.piecewise_constant_schedule(lr, {decay_steps: 0.1})
     if kind == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
                                                   end_value=lr * end_fraction)
-    raise ValueError(f"unknown schedule {kind!r} (constant or warmup_cosine)")
+    raise ValueError(f"unknown schedule {kind!r} (constant, warmup_cosine or step_decay)")
 
 
 def make_optimizer(params, *, lr_schedule, weight_decay: float = 0.0, clip_norm: float = 1.0,
