@@ -106,23 +106,29 @@ def _as_bounds(stats: Mapping[str, Any]) -> dict:
     return dict(stats, q01=stats["min"], q99=stats["max"])
 
 
+def _bounds_pair(fn):
+    return lambda actions, stats, xp=np: fn(actions, _as_bounds(stats), xp=xp)
+
+
+# kind -> (normalize, unnormalize)
+_NORMALIZERS = {
+    "bounds_q99": (normalize_bounds_q99, unnormalize_bounds_q99),
+    "bounds": (_bounds_pair(normalize_bounds_q99), _bounds_pair(unnormalize_bounds_q99)),
+    "normal": (normalize_normal, unnormalize_normal),
+}
+
+
+def _normalizer(kind: str, inverse: bool):
+    if kind not in _NORMALIZERS:
+        raise ValueError(f"unknown normalization {kind!r}; choose from {NORMALIZATIONS}")
+    return _NORMALIZERS[kind][int(inverse)]
+
+
 def normalize(actions, stats: Mapping[str, Any], kind: str = "bounds_q99", xp=np):
     """Normalize by name: ``bounds_q99`` (OpenVLA), ``bounds`` (min/max), ``normal`` (mean/std)."""
-    if kind == "bounds_q99":
-        return normalize_bounds_q99(actions, stats, xp=xp)
-    if kind == "bounds":
-        return normalize_bounds_q99(actions, _as_bounds(stats), xp=xp)
-    if kind == "normal":
-        return normalize_normal(actions, stats, xp=xp)
-    raise ValueError(f"unknown normalization {kind!r}; choose from {NORMALIZATIONS}")
+    return _normalizer(kind, False)(actions, stats, xp=xp)
 
 
 def unnormalize(actions, stats: Mapping[str, Any], kind: str = "bounds_q99", xp=np):
     """Inverse of :func:`normalize`."""
-    if kind == "bounds_q99":
-        return unnormalize_bounds_q99(actions, stats, xp=xp)
-    if kind == "bounds":
-        return unnormalize_bounds_q99(actions, _as_bounds(stats), xp=xp)
-    if kind == "normal":
-        return unnormalize_normal(actions, stats, xp=xp)
-    raise ValueError(f"unknown normalization {kind!r}; choose from {NORMALIZATIONS}")
+    return _normalizer(kind, True)(actions, stats, xp=xp)

@@ -59,3 +59,20 @@ def test_prompt_and_empty_token_rule():
     assert prompts.vla_prompt_with_space("x").endswith("Out: ")
     assert prompts.ensure_trailing_empty_token([1, 5]) == [1, 5, 29871]
     assert prompts.ensure_trailing_empty_token([1, 5, 29871]) == [1, 5, 29871]
+
+
+def test_normalizations_by_name_round_trip_and_bounds_uses_min_max():
+    import numpy as np
+
+    from ovla_jax import actions as A
+
+    stats = {"q01": [-1.0, -1.0], "q99": [1.0, 1.0], "min": [-2.0, -2.0], "max": [2.0, 2.0],
+             "mean": [0.0, 0.0], "std": [2.0, 2.0]}
+    x = np.array([0.5, -0.5], np.float32)
+    assert np.allclose(A.normalize(x, stats, "bounds"), [0.25, -0.25])  # OFT's ALOHA: min/max, not q01/q99
+    for kind in A.NORMALIZATIONS:
+        assert np.allclose(A.unnormalize(A.normalize(x, stats, kind), stats, kind), x, atol=1e-6)
+    import pytest
+
+    with pytest.raises(ValueError, match="normalization"):
+        A.normalize(x, stats, "minmax")
