@@ -101,6 +101,7 @@ def parallel_loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_datase
         err = jnp.abs(predicted - batch["actions"]) * cell_mask
         loss = err.sum() / jnp.maximum(cell_mask.sum(), 1.0)
         correct = jnp.zeros((b,), jnp.float32)
+        per_loss, labelled = err.sum((1, 2)), cell_mask.sum((1, 2))
     else:
         # The last slot's successor (the stop token) is predicted by the last slot's own state.
         stop_index = jnp.argmax(batch["action_slots"], axis=1) + cfg.num_prefix_embeddings + cfg.num_action_slots - 1
@@ -116,9 +117,9 @@ def parallel_loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_datase
         predicted = A.decode_action_tokens(tokens, vocab, cfg.n_action_bins, xp=jnp).reshape(b, k, d)
         correct = ((tokens == targets[:, :-1]) * cell_mask.reshape(b, k * d)).sum(1)
         err = jnp.abs(predicted - batch["actions"]) * cell_mask
+        per_loss, labelled = ce.sum(1), weights.sum(1)  # the stop token is a labelled token too
     onehot = jax.nn.one_hot(batch.get("dataset_id", jnp.zeros(b, jnp.int32)), num_datasets)
-    per_example = {"loss": err.sum((1, 2)) if cfg.action_head == "l1" else ce.sum(1),
-                   "tokens": cell_mask.sum((1, 2)), "correct": correct, "action_tokens": cell_mask.sum((1, 2)),
+    per_example = {"loss": per_loss, "tokens": labelled, "correct": correct, "action_tokens": cell_mask.sum((1, 2)),
                    "l1": err.sum((1, 2))}
     metrics = {f"{key}_sum": v.sum() for key, v in per_example.items()}
     metrics.update({f"per_dataset/{key}_sum": onehot.T @ v.astype(jnp.float32) for key, v in per_example.items()})
