@@ -141,7 +141,7 @@ def test_bidirectional_parallel_pass_matches_transformers_llama_with_a_padding_o
     ours = model.apply({"params": params}, pixels, ids, mask, None, slots, method=OpenVLA.hidden_states)
     ours_at_slots = np.asarray(gather_slots(ours, jnp.asarray(slots), config))
 
-    keys = torch.from_numpy(np.asarray(full_mask))
+    keys = torch.from_numpy(np.array(full_mask))
     additive = torch.zeros(keys.shape[0], 1, keys.shape[1], keys.shape[1])
     additive = additive.masked_fill(~keys[:, None, None, :], torch.finfo(torch.float32).min)
     positions = torch.from_numpy(np.maximum(np.cumsum(np.asarray(full_mask), axis=1) - 1, 0))
