@@ -261,3 +261,14 @@ def test_film_language_modulates_the_towers_and_scans_like_unrolled():
     scanned = OpenVLA(config, scan_layers=True)
     np.testing.assert_allclose(hidden(scanned, stack_layers(params), ids, mask, slots, pixels, proprio), base,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_component_files_pick_the_newest_step_with_its_twins(tmp_path):
+    for name in ("action_head--5000_checkpoint.pt", "action_head--5000_checkpoint.safetensors",
+                 "action_head--20000_checkpoint.pt", "proprio_projector--latest_checkpoint.safetensors",
+                 "proprio_projector--300_checkpoint.pt", "vision_backbone--5000_checkpoint.pt", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    found = oft.find_files(str(tmp_path))
+    assert set(found) == {"action_head", "proprio_projector"}
+    assert found["action_head"] == {"step": "20000", "pt": str(tmp_path / "action_head--20000_checkpoint.pt")}
+    assert found["proprio_projector"]["step"] == "latest" and set(found["proprio_projector"]) == {"step", "safetensors"}

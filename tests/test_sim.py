@@ -8,7 +8,7 @@ import pytest
 
 from ovla_jax.eval import closed_loop as E
 from ovla_jax.sim import dataset
-from ovla_jax.sim.tabletop import COLORS, TASKS, Tabletop, expert_episode
+from ovla_jax.sim.tabletop import COLORS, TASKS, Tabletop, WorldConfig, expert_episode
 
 
 def test_same_seed_same_world_other_seed_differs():
@@ -32,6 +32,22 @@ def test_scene_needs_language_and_vision():
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8
     for color in env.colors:  # every block is visible in its own colour
         assert (img.reshape(-1, 3) == COLORS[color]).all(axis=1).sum() >= 16
+
+
+def test_wrist_lens_magnifies_the_middle_and_keeps_the_table_in_view():
+    import dataclasses
+
+    def block_pixels(lens, offset):
+        env = Tabletop(3, "pick", dataclasses.replace(WorldConfig(), lens=lens))
+        env.ee = np.array([0.5, 0.5])
+        env.blocks[env.target] = env.ee + [offset, 0.0]
+        others = [i for i in range(len(env.blocks)) if i != env.target]
+        env.blocks[others] = [[5.0, 5.0]] * len(others)  # off the table, out of every view
+        img = env.render()
+        return (img.reshape(-1, 3) == COLORS[env.colors[env.target]]).all(axis=1).sum()
+
+    assert block_pixels(0.3, 0.12) > 2 * block_pixels(1.0, 0.12)  # near the gripper: magnified
+    assert block_pixels(0.3, 0.55) > 0  # far (the table's width away from the spawn square's edge): in view
 
 
 @pytest.mark.parametrize("task", TASKS)

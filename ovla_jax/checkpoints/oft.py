@@ -30,18 +30,16 @@ def component_of(path: tuple) -> Optional[str]:
 def find_files(directory: str) -> dict:
     """{component: {"pt": path, "safetensors": path, "step": str}} of the component files in ``directory``
     (the newest step when several are present)."""
-    found: dict = {}
+    steps: dict = {}  # component -> step -> {ext: path}
     for name in sorted(fileio.listdir(directory)) if fileio.isdir(directory) else []:
         match = _FILE.match(name)
-        if not match or match["component"] not in COMPONENTS:
-            continue
-        entry = found.setdefault(match["component"], {})
-        if entry.get("step") not in (None, match["step"]) and _step_key(match["step"]) < _step_key(entry["step"]):
-            continue
-        if entry.get("step") != match["step"]:
-            entry.clear()
-        entry["step"] = match["step"]
-        entry[match["ext"]] = fileio.join(directory, name)
+        if match and match["component"] in COMPONENTS:
+            by_step = steps.setdefault(match["component"], {})
+            by_step.setdefault(match["step"], {})[match["ext"]] = fileio.join(directory, name)
+    found = {}
+    for component, by_step in steps.items():
+        newest = max(by_step, key=_step_key)
+        found[component] = {"step": newest, **by_step[newest]}
     return found
 
 

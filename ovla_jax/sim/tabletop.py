@@ -37,7 +37,11 @@ class WorldConfig:
     grasp_radius: float = 0.07  # closing within this of a block's centre (half its side) grasps it
     place_radius: float = 0.09  # releasing within this of the plate's centre places it
     max_steps: int = 60
-    view: float = 0.6  # half-width of the camera's view, centred on the gripper (a wrist-style camera)
+    view: float = 0.6  # half-width of the wrist camera's view, centred on the gripper
+    # The wrist camera's lens: the share of its view mapped linearly (1 = a pinhole camera). Below 1 it is a
+    # wide-angle lens that magnifies the middle of the image (where the precise moves are decided) and
+    # compresses the edges (where only the direction matters), so the whole table stays in view.
+    lens: float = 0.3
     spawn: tuple = (0.2, 0.8)  # objects and gripper start in this square, so all start in view
 
 
@@ -162,11 +166,13 @@ class Tabletop:
 
     def render(self) -> np.ndarray:
         """The view of a camera looking straight down, centred on the gripper (it moves with it, as a
-        wrist camera does): the gripper is always in the middle, the table slides underneath."""
+        wrist camera does): the gripper is always in the middle, the table slides underneath. Pixel
+        offset u in [-1, 1] from the centre sees the table at ``view * (lens * u + (1 - lens) * u * |u|)``."""
         c = self.config
         s = c.image_size
-        yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s * (2 * c.view) - c.view
-        return self._draw(xx + self.ee[0], yy + self.ee[1])
+        v, u = (np.mgrid[0:s, 0:s] + 0.5) / s * 2 - 1
+        lens = lambda t: c.view * (c.lens * t + (1 - c.lens) * t * np.abs(t))  # noqa: E731
+        return self._draw(lens(u) + self.ee[0], lens(v) + self.ee[1])
 
     def _draw(self, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
         """Paint the world at table coordinates (xx, yy), one pair per pixel."""
