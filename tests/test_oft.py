@@ -266,9 +266,53 @@ def test_film_language_modulates_the_towers_and_scans_like_unrolled():
 def test_component_files_pick_the_newest_step_with_its_twins(tmp_path):
     for name in ("action_head--5000_checkpoint.pt", "action_head--5000_checkpoint.safetensors",
                  "action_head--20000_checkpoint.pt", "proprio_projector--latest_checkpoint.safetensors",
-                 "proprio_projector--300_checkpoint.pt", "vision_backbone--5000_checkpoint.pt", "notes.txt"):
+                 "proprio_projector--300_checkpoint.pt", "vision_backbone--5000_checkpoint.pt",
+                 "noisy_action_projector--5000_checkpoint.pt", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     found = oft.find_files(str(tmp_path))
-    assert set(found) == {"action_head", "proprio_projector"}
+    assert set(found) == {"action_head", "proprio_projector", "vision_backbone"}
     assert found["action_head"] == {"step": "20000", "pt": str(tmp_path / "action_head--20000_checkpoint.pt")}
     assert found["proprio_projector"]["step"] == "latest" and set(found["proprio_projector"]) == {"step", "safetensors"}
+
+
+def test_film_checkpoints_keep_the_vision_backbone_in_ofts_file(tmp_path):
+    """OFT+ writes the FiLM-wrapped vision backbone (PEFT names, zero LoRA) beside the merged model, whose
+    own vision weights it ignores; both ways bit-exact, the FiLM setting read back from the files."""
+    from safetensors.numpy import load_file, save_file
+
+    config = dataclasses.replace(oft_config(), film=True)
+    params = random_params(config, seed=9)
+    src = tmp_path / "oft"
+    hf.save_hf_checkpoint(str(src), config, params)
+    vision = load_file(str(src / "vision_backbone--latest_checkpoint.safetensors"))
+    assert "vision_backbone.featurizer.blocks.0.block.attn.qkv.base_layer.weight" in vision
+    assert "vision_backbone.featurizer.blocks.0.block.attn.qkv.lora_A.default.weight" in vision
+    assert "vision_backbone.featurizer.blocks.0.scale.weight" in vision
+    raw = hf.read_json(str(src / "config.json"))
+    raw.pop("ovla_jax_oft")  # as OFT writes it: the settings come from the component files
+    (src / "config.json").write_text(__import__("json").dumps(raw))
+    config2, loaded, _ = hf.load_hf_checkpoint(str(src))
+    assert config2.film and config2.action_head == "l1"
+    want, got = traverse_util.flatten_dict(params), traverse_util.flatten_dict(loaded)
+    assert set(want) == set(got) and all(np.array_equal(want[k], got[k]) for k in want)
+    hf.convert_checkpoint(str(src), str(tmp_path / "jax"), hf.HF, hf.JAX)
+    hf.convert_checkpoint(str(tmp_path / "jax"), str(tmp_path / "back"), hf.JAX, hf.HF)
+    back = traverse_util.flatten_dict(hf.load_hf_checkpoint(str(tmp_path / "back"))[1])
+    assert all(np.array_equal(want[k], back[k]) for k in want)
+    # The vision file is what counts: a changed tower weight there changes the loaded model.
+    key = "vision_backbone.featurizer.blocks.0.block.attn.qkv.base_layer.weight"
+    save_file({**vision, key: vision[key] + 1}, str(src / "vision_backbone--latest_checkpoint.safetensors"))
+    changed = traverse_util.flatten_dict(hf.load_hf_checkpoint(str(src))[1])
+    path = ("vision_backbone", "featurizer", "blocks_0", "attn", "qkv", "kernel")
+    assert np.array_equal(changed[path], want[path] + 1)
+    save_file({k: v for k, v in vision.items() if "lora_B" not in k or "blocks.1." not in k},
+              str(src / "vision_backbone--latest_checkpoint.safetensors"))
+    with pytest.raises(CheckpointError, match="LoRA.*incomplete"):
+        hf.load_hf_checkpoint(str(src))
+    for name in os.listdir(src):
+        if name.startswith("vision_backbone--"):
+            os.remove(src / name)
+    raw["ovla_jax_oft"] = config.oft_fields
+    (src / "config.json").write_text(__import__("json").dumps(raw))
+    with pytest.raises(CheckpointError, match="no vision_backbone"):
+        hf.load_hf_checkpoint(str(src))

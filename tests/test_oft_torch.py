@@ -157,10 +157,46 @@ def test_bidirectional_parallel_pass_matches_transformers_llama_with_a_padding_o
     assert np.abs(np.asarray(gather_slots(jnp.asarray(causal), jnp.asarray(slots), config)) - theirs_at_slots).max() > 1e-3
 
 
+class PeftLinear(torch.nn.Module):
+    """A Linear as PEFT's LoRA holds it in OFT's training (the state-dict names are what matter)."""
+
+    def __init__(self, linear, rank):
+        super().__init__()
+        self.base_layer = linear
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(linear.in_features, rank, bias=False)})
+        self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(rank, linear.out_features, bias=False)})
+        self.scaling = min(rank, 16) / rank
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * self.scaling
+
+
+class FiLMBlock(torch.nn.Module):
+    """OFT's FiLMedVisionTransformerBlock: the timm block under ``block``, ``scale`` / ``shift`` beside it."""
+
+    def __init__(self, block, vision_dim, llm_dim):
+        super().__init__()
+        self.block = block
+        self.scale = torch.nn.Linear(llm_dim, vision_dim)
+        self.shift = torch.nn.Linear(llm_dim, vision_dim)
+
+
+def _peft_wrap(module, rank):
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, PeftLinear(child, rank))
+        else:
+            _peft_wrap(child, rank)
+
+
 def test_film_matches_a_torch_restatement_on_timm_blocks(tmp_path):
     """OFT+'s FiLM: in every ViT block, after the attention residual, x * (1 + scale(l)) + shift(l), with
-    l the mean embedding of the non-slot prompt tokens; timm blocks re-run by hand with that inserted."""
+    l the mean embedding of the non-slot prompt tokens; timm blocks re-run by hand with that inserted.
+    The weights go through OFT's ``vision_backbone--*.pt`` file: loaded strictly into OFT's module
+    structure (FiLM wrapper + PEFT LoRA), given a non-zero LoRA there, and read back by ovla-jax."""
     from timm.models.vision_transformer import VisionTransformer
+
+    from ovla_jax.checkpoints import oft
 
     config = dataclasses.replace(tiny_openvla_config(), film=True)
     rng = np.random.default_rng(4)
@@ -168,15 +204,29 @@ def test_film_matches_a_torch_restatement_on_timm_blocks(tmp_path):
 
     params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.2).astype(np.float32), hf.abstract_params(config))
     hf.save_hf_checkpoint(str(tmp_path / "film"), config, params)
-    from safetensors.torch import load_file
+    vision_file = tmp_path / "film" / "vision_backbone--latest_checkpoint.pt"
+    state = torch.load(str(vision_file), weights_only=True)
+    from safetensors import safe_open
 
-    weights = load_file(str(tmp_path / "film" / "model.safetensors"))
+    with safe_open(str(tmp_path / "film" / "model.safetensors"), "np") as f:  # the merged model: no FiLM
+        assert not any(oft.is_film_param(k) for k in f.keys()) and any(k.startswith("vision_backbone.") for k in f.keys())
     dino = VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2,
                              init_values=1e-5, reg_tokens=4, no_embed_class=True, num_classes=0).eval()
+    _peft_wrap(dino, oft.OFT_LORA_RANK)
+    dino.blocks = torch.nn.Sequential(*[FiLMBlock(b, 32, config.llm.hidden_size) for b in dino.blocks])
     prefix = "vision_backbone.featurizer."
-    own = {k[len(prefix):].replace(".scale_factor", ".gamma"): v for k, v in weights.items() if k.startswith(prefix)}
-    film = {k: v for k, v in own.items() if ".scale." in k or ".shift." in k}
-    dino.load_state_dict({k: v for k, v in own.items() if k not in film})
+    # OpenVLA's HF code names LayerScale's gamma "scale_factor"
+    dino.load_state_dict({k[len(prefix):].replace(".scale_factor", ".gamma"): v for k, v in state.items()
+                          if k.startswith(prefix)}, strict=True)
+    with torch.no_grad():  # a LoRA that OFT trained: ovla-jax must merge it with OFT's scaling
+        for m in dino.modules():
+            if isinstance(m, PeftLinear):
+                m.lora_B["default"].weight.normal_(0, 0.1)
+                m.lora_A["default"].weight.normal_(0, 0.1)
+    state.update({prefix + k.replace(".gamma", ".scale_factor"): v for k, v in dino.state_dict().items()})
+    torch.save(state, str(vision_file))
+    (tmp_path / "film" / "vision_backbone--latest_checkpoint.safetensors").unlink()
+    _, params, _ = hf.load_hf_checkpoint(str(tmp_path / "film"))
 
     ids = np.array([[1, 9, 12, 30, 5, 320, 320]], np.int32)
     mask = ids != 320
@@ -188,11 +238,10 @@ def test_film_matches_a_torch_restatement_on_timm_blocks(tmp_path):
                        language=jnp.asarray(language.numpy()))
     with torch.no_grad():
         x = dino._pos_embed(dino.patch_embed(torch.from_numpy(pixels[..., :3]).permute(0, 3, 1, 2)))
-        for i, block in enumerate(dino.blocks[:2]):  # the feature block is the second to last
+        for film in dino.blocks[:2]:  # the feature block is the second to last
+            block = film.block
             x = x + block.ls1(block.attn(block.norm1(x)))
-            gamma = torch.nn.functional.linear(language, film[f"blocks.{i}.scale.weight"], film[f"blocks.{i}.scale.bias"])
-            beta = torch.nn.functional.linear(language, film[f"blocks.{i}.shift.weight"], film[f"blocks.{i}.shift.bias"])
-            x = x * (1 + gamma[:, None]) + beta[:, None]
+            x = x * (1 + film.scale(language)[:, None]) + film.shift(language)[:, None]
             x = x + block.ls2(block.mlp(block.norm2(x)))
         theirs = x[:, 5:].numpy()
     ours_dino = model.apply({"params": params}, jnp.asarray(pixels), jnp.asarray(language.numpy()),
@@ -200,5 +249,8 @@ def test_film_matches_a_torch_restatement_on_timm_blocks(tmp_path):
     np.testing.assert_allclose(np.asarray(ours_dino), theirs, atol=1e-4, rtol=1e-4)
     assert ours.shape == (1, config.num_patches, config.llm.hidden_size)
     with torch.no_grad():  # the check bites: the same blocks without FiLM give other features
-        plain = dino.get_intermediate_layers(torch.from_numpy(pixels[..., :3]).permute(0, 3, 1, 2), n=[1])[0].numpy()
+        x = dino._pos_embed(dino.patch_embed(torch.from_numpy(pixels[..., :3]).permute(0, 3, 1, 2)))
+        for film in dino.blocks[:2]:
+            x = film.block(x)
+        plain = x[:, 5:].numpy()
     assert np.abs(plain - theirs).max() > 1e-2

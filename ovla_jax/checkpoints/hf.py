@@ -208,15 +208,24 @@ class Source:
 
     def __init__(self, path: str, layout: Layout, entries: list[Entry]):
         self.layout = layout
-        backbone = [e for e in entries if layout.name != "hf" or oft.component_of(e.path) is None]
+        split = layout.name == "hf"
+        film = split and any(oft.is_film_param(e.hf_name) for e in entries)
+        backbone = [e for e in entries if not split or (oft.component_of(e.path) is None
+                                                         and not (film and oft.is_film_param(e.hf_name)))]
         self.tensors = open_checked(path, layout, backbone)
         self.parts: dict = {}
-        components = sorted({oft.component_of(e.path) for e in entries if e not in backbone})
-        files = oft.find_files(path) if components else {}
-        for component in components:
-            want = {e.hf_name[len(component) + 1:]: e for e in entries if oft.component_of(e.path) == component}
+        groups = {c: [e for e in entries if oft.component_of(e.path) == c] for c in oft.COMPONENTS} if split else {}
+        if film:  # OFT+: the whole vision backbone comes from its own file, as OFT loads it
+            groups[oft.VISION] = [e for e in entries if oft.is_vision_param(e.hf_name)]
+        groups = {c: group for c, group in groups.items() if group}
+        files = oft.find_files(path) if groups else {}
+        for component, group in groups.items():
             state = oft.read_component(files, component, path)
             where = files[component].get("safetensors") or files[component]["pt"]
+            if component == oft.VISION:
+                state, want = oft.vision_from_file(state, where), {e.hf_name: e for e in group}
+            else:
+                want = {e.hf_name[len(component) + 1:]: e for e in group}
             missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
             if missing or extra:
                 raise CheckpointError(f"{where}: tensors do not match the {component} in config.json: missing "
@@ -337,14 +346,20 @@ def write_checkpoint(path: str, layout: Layout, config: OpenVLAConfig, norm_stat
     called once, in order), config.json, carried files. ``dtypes`` maps entry path -> stored dtype.
     HF layout of an OFT model: its components go to OFT's per-component files (``oft.py``)."""
     split = layout.name == "hf"
-    components = [e for e in entries if split and oft.component_of(e.path) is not None]
+    film = split and any(oft.is_film_param(e.hf_name) for e in entries)
+    components = [e for e in entries if split and (oft.component_of(e.path) is not None
+                                                   or (film and oft.is_film_param(e.hf_name)))]
     entries = [e for e in entries if e not in components]
     by_key = {layout.key(e): e for e in entries}
     items = [(layout.key(e), layout.shape(e), dtypes[e.path]) for e in entries]
+    vision: dict = {}  # OFT+: the vision backbone also goes to its own file, FiLM layers included
 
     def produce(key: str) -> np.ndarray:
         entry = by_key[key]
-        return np.asarray(layout.from_flax(entry, np.asarray(produce_flax(entry))), dtype=dtypes[entry.path])
+        array = np.asarray(layout.from_flax(entry, np.asarray(produce_flax(entry))), dtype=dtypes[entry.path])
+        if film and oft.is_vision_param(entry.hf_name):
+            vision[entry.hf_name] = array
+        return array
 
     carried = carried_files(carry_from) if carry_from else []
     has_remote_code = all(f in carried for f in REMOTE_CODE_FILES)
@@ -352,9 +367,15 @@ def write_checkpoint(path: str, layout: Layout, config: OpenVLAConfig, norm_stat
     with atomic_dir(path, overwrite) as tmp:
         write_tensor_dir(tmp, layout.stem, items, produce, max_shard_bytes, on_tensor=(lambda _: bar.update()) if bar else None)
         by_component: dict = {}
-        for e in components:  # after the backbone: produce_flax is called in entry order
+        for e in components:  # after the backbone: produce_flax is called once per entry
             array = np.asarray(layout.from_flax(e, np.asarray(produce_flax(e))), dtype=dtypes[e.path])
-            by_component.setdefault(oft.component_of(e.path), {})[e.hf_name.split(".", 1)[1]] = array
+            if oft.component_of(e.path) is None:
+                vision[e.hf_name] = array
+            else:
+                by_component.setdefault(oft.component_of(e.path), {})[e.hf_name.split(".", 1)[1]] = array
+        if film:
+            linear = {e.hf_name.rsplit(".", 1)[0] for e in entries if e.kind == "linear" and oft.is_vision_param(e.hf_name)}
+            by_component[oft.VISION] = oft.vision_file_tensors(dict(sorted(vision.items())), linear)
         for component, tensors in by_component.items():
             oft.write_component(tmp, component, "latest", tensors)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:

@@ -2,6 +2,14 @@
 state dict per extra component beside it, ``<component>--<step>_checkpoint.pt`` (``action_head``,
 ``proprio_projector``), keys possibly prefixed ``module.`` (saved from DDP).
 
+OFT+ (FiLM) adds ``vision_backbone--<step>_checkpoint.pt``: the whole vision backbone as OFT trains it,
+wrapped for FiLM and in PEFT's LoRA. Its keys are the HF names with ``.block`` after each
+``blocks.<i>`` (the FiLM wrapper; its own ``scale`` / ``shift`` Linears sit beside it) and, for every
+linear layer, ``base_layer.weight`` / ``base_layer.bias`` plus ``lora_A`` / ``lora_B``. OFT loads the
+vision backbone from this file, not from the merged model, so ovla-jax does too (merging the LoRA with
+OFT's scaling ``min(r, 16) / r``). Written the same way, with a zero LoRA of rank 32 (OFT's default
+``lora_rank``, which its loader must be given), so OFT's own loader accepts it and the weights are exact.
+
 ovla-jax reads those ``.pt`` files with ``torch.load(weights_only=True)`` (the ``[torch]`` extra) or,
 preferred and torch-free, the ``.safetensors`` twin it writes next to each. Component tensor names come
 from the one name map in ``hf.py`` (``action_head.model.fc1.weight`` ...): the file holds them without
@@ -19,6 +27,13 @@ from ovla_jax import fileio
 from ovla_jax.checkpoints.errors import CheckpointError
 
 COMPONENTS = ("action_head", "proprio_projector")
+VISION = "vision_backbone"  # OFT+ only: the FiLM-wrapped vision backbone's file
+FILES = COMPONENTS + (VISION,)
+OFT_LORA_RANK = 32
+_FILM_PARAM = re.compile(r"^vision_backbone\..*\.blocks\.\d+\.(scale|shift)\.(weight|bias)$")
+_BLOCK_PARAM = re.compile(r"^(vision_backbone\..*\.blocks\.\d+)\.(?!scale\.|shift\.)")
+_WRAPPED_BLOCK = re.compile(r"^(vision_backbone\..*\.blocks\.\d+)\.block\.")
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.[^.]+\.weight$")
 _FILE = re.compile(r"^(?P<component>[a-z_]+)--(?P<step>[^_]+(?:_[^_]+)*?)_checkpoint\.(?P<ext>pt|safetensors)$")
 
 
@@ -33,7 +48,7 @@ def find_files(directory: str) -> dict:
     steps: dict = {}  # component -> step -> {ext: path}
     for name in sorted(fileio.listdir(directory)) if fileio.isdir(directory) else []:
         match = _FILE.match(name)
-        if match and match["component"] in COMPONENTS:
+        if match and match["component"] in FILES:
             by_step = steps.setdefault(match["component"], {})
             by_step.setdefault(match["step"], {})[match["ext"]] = fileio.join(directory, name)
     found = {}
@@ -119,6 +134,8 @@ def infer_fields(directory: str, files: dict) -> dict:
                               f"head's output layer); keys: {sorted(head)[:8]}")
     fields = {"action_head": "l1", "action_dim": int(head["model.fc2.weight"].shape[0]), "chunk": 8, "num_images": 2,
               "head_hidden": int(head["model.fc1.weight"].shape[0])}
+    if VISION in files:
+        fields["film"] = True
     if "proprio_projector" in files:
         fields["proprio_dim"] = int(read_component(files, "proprio_projector", directory)["fc1.weight"].shape[1])
     return fields
@@ -127,4 +144,56 @@ def infer_fields(directory: str, files: dict) -> dict:
 def is_component_file(name: str) -> bool:
     """Whether a file name is one of OFT's component files (written anew on conversion, never carried)."""
     match = _FILE.match(name)
-    return bool(match) and match["component"] in COMPONENTS
+    return bool(match) and match["component"] in FILES
+
+
+# -- OFT+: the FiLM vision backbone file ---------------------------------------------------------------
+def is_film_param(hf_name: str) -> bool:
+    """A FiLM ``scale`` / ``shift`` tensor of a ViT block (kept only in the vision file, as OFT does)."""
+    return bool(_FILM_PARAM.match(hf_name))
+
+
+def is_vision_param(hf_name: str) -> bool:
+    return hf_name.startswith(VISION + ".")
+
+
+def vision_file_tensors(tensors: dict, linear_modules: set) -> dict:
+    """{HF name: array} of the vision backbone (FiLM included) -> the file's {key: array}: ``.block``
+    inside each block, PEFT names and a zero rank-32 LoRA for each module in ``linear_modules``."""
+    out = {}
+    for name, array in tensors.items():
+        key = _BLOCK_PARAM.sub(r"\1.block.", name)
+        module, leaf = name.rsplit(".", 1)
+        if module in linear_modules:
+            base = key.rsplit(".", 1)[0]
+            out[f"{base}.base_layer.{leaf}"] = array
+            if leaf == "weight":
+                out[f"{base}.lora_A.default.weight"] = np.zeros((OFT_LORA_RANK, array.shape[1]), array.dtype)
+                out[f"{base}.lora_B.default.weight"] = np.zeros((array.shape[0], OFT_LORA_RANK), array.dtype)
+        else:
+            out[key] = array
+    return out
+
+
+def vision_from_file(state: dict, where: str) -> dict:
+    """The vision file's {key: array} -> {HF name: array}: the FiLM wrapper's ``.block`` dropped, each
+    PEFT LoRA merged into its base weight (W + min(r, 16) / r * B @ A; exact when the LoRA is zero)."""
+    lora: dict = {}
+    plain = {}
+    for key, value in state.items():
+        match = _LORA.match(key)
+        if match:
+            lora.setdefault(match["module"], {})[match["ab"]] = value
+        else:
+            plain[_WRAPPED_BLOCK.sub(r"\1.", key).replace(".base_layer.", ".")] = value
+    for module, ab in lora.items():
+        name = _WRAPPED_BLOCK.sub(r"\1.", module) + ".weight"
+        if set(ab) != {"A", "B"} or name not in plain:
+            raise CheckpointError(f"{where}: LoRA of {module!r} is incomplete (has lora_{sorted(ab)} and "
+                                  f"{'a' if name in plain else 'no'} base_layer.weight)")
+        a, b = np.asarray(ab["A"], np.float32), np.asarray(ab["B"], np.float32)
+        delta = (b @ a) * (min(a.shape[0], 16) / a.shape[0])
+        if np.any(delta):
+            base = plain[name]
+            plain[name] = (np.asarray(base, np.float32) + delta).astype(base.dtype)
+    return plain
