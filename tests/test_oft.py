@@ -176,6 +176,17 @@ def test_losses_ignore_chunk_steps_past_the_trajectory_end(head):
 # Checkpoints
 
 
+def _assert_round_trips(params, loaded, src, tmp_path) -> dict:
+    """``loaded`` equals ``params`` bitwise, and so does ``src`` after HF -> JAX -> HF conversion."""
+    want, got = traverse_util.flatten_dict(params), traverse_util.flatten_dict(loaded)
+    assert set(want) == set(got) and all(np.array_equal(want[k], got[k]) for k in want)
+    hf.convert_checkpoint(str(src), str(tmp_path / "jax"), hf.HF, hf.JAX)
+    hf.convert_checkpoint(str(tmp_path / "jax"), str(tmp_path / "back"), hf.JAX, hf.HF)
+    back = traverse_util.flatten_dict(hf.load_hf_checkpoint(str(tmp_path / "back"))[1])
+    assert all(np.array_equal(want[k], back[k]) for k in want)
+    return want
+
+
 def test_oft_layout_round_trips_bit_exact_and_accepts_ddp_prefixes(tmp_path):
     config = oft_config()
     params = random_params(config, seed=5)
@@ -190,12 +201,7 @@ def test_oft_layout_round_trips_bit_exact_and_accepts_ddp_prefixes(tmp_path):
     save_file({"module." + k: v for k, v in head.items()}, str(src / "action_head--latest_checkpoint.safetensors"))
     config2, loaded, _ = hf.load_hf_checkpoint(str(src))
     assert config2.oft_fields == config.oft_fields
-    want, got = traverse_util.flatten_dict(params), traverse_util.flatten_dict(loaded)
-    assert set(want) == set(got) and all(np.array_equal(want[k], got[k]) for k in want)
-    hf.convert_checkpoint(str(src), str(tmp_path / "jax"), hf.HF, hf.JAX)
-    hf.convert_checkpoint(str(tmp_path / "jax"), str(tmp_path / "back"), hf.JAX, hf.HF)
-    back = traverse_util.flatten_dict(hf.load_hf_checkpoint(str(tmp_path / "back"))[1])
-    assert all(np.array_equal(want[k], back[k]) for k in want)
+    want = _assert_round_trips(params, loaded, src, tmp_path)
 
 
 def test_oft_files_are_checked_strictly(tmp_path):
@@ -293,12 +299,7 @@ def test_film_checkpoints_keep_the_vision_backbone_in_ofts_file(tmp_path):
     (src / "config.json").write_text(__import__("json").dumps(raw))
     config2, loaded, _ = hf.load_hf_checkpoint(str(src))
     assert config2.film and config2.action_head == "l1"
-    want, got = traverse_util.flatten_dict(params), traverse_util.flatten_dict(loaded)
-    assert set(want) == set(got) and all(np.array_equal(want[k], got[k]) for k in want)
-    hf.convert_checkpoint(str(src), str(tmp_path / "jax"), hf.HF, hf.JAX)
-    hf.convert_checkpoint(str(tmp_path / "jax"), str(tmp_path / "back"), hf.JAX, hf.HF)
-    back = traverse_util.flatten_dict(hf.load_hf_checkpoint(str(tmp_path / "back"))[1])
-    assert all(np.array_equal(want[k], back[k]) for k in want)
+    want = _assert_round_trips(params, loaded, src, tmp_path)
     # The vision file is what counts: a changed tower weight there changes the loaded model.
     key = "vision_backbone.featurizer.blocks.0.block.attn.qkv.base_layer.weight"
     save_file({**vision, key: vision[key] + 1}, str(src / "vision_backbone--latest_checkpoint.safetensors"))
