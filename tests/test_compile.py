@@ -69,6 +69,7 @@ def tpu():
     return True
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs it after the default suite
 def test_debug_step_compiles_for_a_v5p_slice_and_reports(tpu, tmp_path, capsys):
     from ovla_jax.cli import main
 

@@ -118,6 +118,7 @@ def _final_params(workdir, step):
     return traverse_util.flatten_dict(params)
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs it after the default suite
 @pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="Bridge sample not in ../shared")
 def test_two_processes_train_survive_sigterm_to_one_and_resume_bitwise(tmp_path):
     steps = 40
