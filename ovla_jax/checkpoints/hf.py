@@ -202,6 +202,16 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", leave=False)
 
 
+def _side_files(layout: Layout, entries: list[Entry]) -> tuple[bool, set]:
+    """(whether the model has FiLM, paths of the entries kept outside the HF model files): in the HF
+    layout, OFT's components and (OFT+) the FiLM layers live in OFT's per-component files."""
+    if layout.name != "hf":
+        return False, set()
+    film = any(oft.is_film_param(e.hf_name) for e in entries)
+    return film, {e.path for e in entries if oft.component_of(e.path) is not None
+                  or (film and oft.is_film_param(e.hf_name))}
+
+
 class Source:
     """Every tensor of a checkpoint dir, checked against the name map: in one safetensors set, or (HF
     layout of an OFT model) the backbone there and each OFT component in its own file (``oft.py``)."""
@@ -209,9 +219,8 @@ class Source:
     def __init__(self, path: str, layout: Layout, entries: list[Entry]):
         self.layout = layout
         split = layout.name == "hf"
-        film = split and any(oft.is_film_param(e.hf_name) for e in entries)
-        backbone = [e for e in entries if not split or (oft.component_of(e.path) is None
-                                                         and not (film and oft.is_film_param(e.hf_name)))]
+        film, side = _side_files(layout, entries)
+        backbone = [e for e in entries if e.path not in side]
         self.tensors = open_checked(path, layout, backbone)
         self.parts: dict = {}
         groups = {c: [e for e in entries if oft.component_of(e.path) == c] for c in oft.COMPONENTS} if split else {}
@@ -345,11 +354,9 @@ def write_checkpoint(path: str, layout: Layout, config: OpenVLAConfig, norm_stat
     """Write a checkpoint dir atomically: tensors (``produce_flax(entry)`` gives each in Flax layout,
     called once, in order), config.json, carried files. ``dtypes`` maps entry path -> stored dtype.
     HF layout of an OFT model: its components go to OFT's per-component files (``oft.py``)."""
-    split = layout.name == "hf"
-    film = split and any(oft.is_film_param(e.hf_name) for e in entries)
-    components = [e for e in entries if split and (oft.component_of(e.path) is not None
-                                                   or (film and oft.is_film_param(e.hf_name)))]
-    entries = [e for e in entries if e not in components]
+    film, side = _side_files(layout, entries)
+    components = [e for e in entries if e.path in side]
+    entries = [e for e in entries if e.path not in side]
     by_key = {layout.key(e): e for e in entries}
     items = [(layout.key(e), layout.shape(e), dtypes[e.path]) for e in entries]
     vision: dict = {}  # OFT+: the vision backbone also goes to its own file, FiLM layers included
