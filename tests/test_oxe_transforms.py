@@ -102,3 +102,58 @@ def test_registry_reaches_every_official_dataset_and_mixture():
     official = [n for n in registry._TABLE if n != "ovla_tabletop"]  # the built-in table (tests register more)
     assert len(official) == 70 and all(n in registry.REGISTRY for n in official)
     assert len([m for m in mixtures.MIXTURES if m != "bridge_dataset"]) == 18
+
+
+def test_every_dataset_gives_proprio_with_a_stable_description():
+    # Every registered dataset names its state pieces (upstream's state_obs_keys), and their description,
+    # part of the statistics cache key, holds no function address (it would change every process).
+    for name, spec in registry.REGISTRY.items():
+        assert spec.state_keys, name
+        assert " at 0x" not in repr(spec.state_keys), name
+
+
+def _standardized(observation, length=3):
+    return {"action": tf.zeros((length, 7)), "observation": {k: tf.constant(v) for k, v in observation.items()}}
+
+
+def test_state_pieces_cut_concatenate_and_pad_like_upstream():
+    from ovla_jax.data.proprio import proprio_of
+
+    state = np.arange(36, dtype=np.float32).reshape(3, 12)
+    hydra = registry.REGISTRY["stanford_hydra_dataset_converted_externally_to_rlds"]
+    out = proprio_of(_standardized({"state": state}), hydra).numpy()  # xyz, rpy at 7:10, pad, gripper at -3
+    np.testing.assert_array_equal(out, np.concatenate([state[:, :3], state[:, 7:10], np.zeros((3, 1)),
+                                                       state[:, -3:-2]], 1))
+    pose = np.arange(15, dtype=np.float32).reshape(3, 5)  # robo_net-like: xyz + yaw + gripper
+    mask_vit = registry.REGISTRY["stanford_mask_vit_converted_externally_to_rlds"]
+    np.testing.assert_array_equal(proprio_of(_standardized({"end_effector_pose": pose}), mask_vit).numpy(),
+                                  np.concatenate([pose[:, :4], np.zeros((3, 3)), pose[:, -1:]], 1))
+    fmb = registry.REGISTRY["fmb_dataset"]  # a rank-1 gripper field becomes one column
+    eef, grip = np.ones((3, 7), np.float32), np.array([0.5, 0.25, 0.0], np.float32)
+    np.testing.assert_array_equal(proprio_of(_standardized({"eef_pose": eef, "state_gripper_pose": grip}), fmb),
+                                  np.concatenate([eef, grip[:, None]], 1))
+    assert proprio_of(_standardized({}), registry.REGISTRY["uiuc_d3field"]).numpy().tolist() == [[0.0] * 8] * 3
+
+
+def test_kuka_state_is_decoded_from_zlib_bytes():
+    import zlib
+
+    from ovla_jax.data.proprio import proprio_of
+
+    pose = np.arange(21, dtype=np.float32).reshape(3, 7)
+    closed = np.array([[0.0], [1.0], [1.0]], np.float32)
+    observation = {"clip_function_input/base_pose_tool_reached": [zlib.compress(r.tobytes()) for r in pose],
+                   "gripper_closed": [zlib.compress(r.tobytes()) for r in closed]}
+    out = proprio_of(_standardized(observation), registry.REGISTRY["kuka"]).numpy()
+    np.testing.assert_array_equal(out, np.concatenate([pose, closed], 1))
+
+
+def test_a_missing_state_key_names_the_dataset_and_the_key():
+    from ovla_jax.data.errors import DataError
+    from ovla_jax.data.proprio import missing_state_keys, proprio_of
+
+    spec = registry.REGISTRY["taco_play"]
+    traj = _standardized({"rgb_static": np.zeros((3, 2, 2, 3), np.uint8)})
+    assert missing_state_keys(traj, spec) == ["robot_obs"]
+    with pytest.raises(DataError, match=r"'taco_play'.*'robot_obs'"):
+        proprio_of(traj, spec)

@@ -10,23 +10,40 @@ from ovla_jax import actions as A
 from ovla_jax.data.errors import DataError
 
 
+def missing_state_keys(traj, spec) -> list:
+    """The observation keys ``spec.state_keys`` reads that this (standardized) trajectory lacks."""
+    observation = traj["observation"]
+    needed = []
+    for piece in spec.state_keys:
+        needed += [piece] if isinstance(piece, str) else list(getattr(piece, "needs", ()))
+    return [k for k in dict.fromkeys(needed) if k not in observation]
+
+
 def proprio_of(traj, spec) -> tf.Tensor:
-    """Standardized trajectory -> float32[T, P]: ``spec.state_keys`` concatenated (None = a zero column)."""
+    """Standardized trajectory -> float32[T, P]: the pieces of ``spec.state_keys`` concatenated (an
+    observation key, a recipe Part, or None = one zero column)."""
     if not spec.state_keys:
         raise DataError(f"dataset {spec.name!r}: the registry names no state keys, so it gives no proprio "
-                        f"(set state_keys in ovla_jax/data/oxe/registry.py, or train without proprio)")
+                        f"(set its entry in _STATE_KEYS in ovla_jax/data/oxe/registry.py, or train without proprio)")
+    missing = missing_state_keys(traj, spec)
+    if missing:
+        raise DataError(f"dataset {spec.name!r}: observation has no state key {missing[0]!r} "
+                        f"(it has {sorted(traj['observation'])})")
     observation = traj["observation"]
     length = tf.shape(traj["action"])[0]
     parts = []
-    for key in spec.state_keys:
-        if key is None:
+    for piece in spec.state_keys:
+        if piece is None:
             parts.append(tf.zeros([length, 1], tf.float32))
-            continue
-        if key not in observation:
-            raise DataError(f"dataset {spec.name!r}: observation has no state key {key!r} "
-                            f"(it has {sorted(observation)})")
-        value = tf.cast(observation[key], tf.float32)
-        parts.append(value[:, None] if value.shape.rank == 1 else value)
+        elif isinstance(piece, str):
+            value = tf.cast(observation[piece], tf.float32)
+            parts.append(value[:, None] if value.shape.rank == 1 else value)
+        else:
+            try:
+                parts.append(piece(None, traj))
+            except KeyError as e:
+                raise DataError(f"dataset {spec.name!r}: state piece {piece!r} reads a field the trajectory "
+                                f"lacks: {e}") from None
     return tf.concat(parts, axis=-1)
 
 

@@ -58,12 +58,14 @@ def dataset_stats(builder, spec: DatasetSpec, cache_dir: Optional[str] = DEFAULT
     if path and fileio.exists(path):
         return json.loads(fileio.read_text(path))
     ds = T.from_rlds(builder, "all")
-    from ovla_jax.data.proprio import proprio_of
+    from ovla_jax.data.proprio import missing_state_keys, proprio_of
 
     def fields(traj):
         traj = spec.standardize(traj)
         out = {"action": traj["action"]}
-        if spec.state_keys:
+        # A dataset version without the registered state keys still gets its action statistics; asking it
+        # for proprio is then the named error of proprio_of.
+        if spec.state_keys and not missing_state_keys(traj, spec):
             out["proprio"] = proprio_of(traj, spec)
         return out
 

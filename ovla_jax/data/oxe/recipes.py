@@ -16,9 +16,13 @@ class Part:
 
     fn: Callable
     desc: str
+    needs: tuple = ()  # observation keys it reads (checked up front, so a missing one is a named error)
 
     def __call__(self, action, traj):
         return tf.cast(self.fn(action, traj), tf.float32)
+
+    def __repr__(self):  # the description, not the function's address: it is part of the stats cache key
+        return self.desc
 
 
 def cols(start: Optional[int] = None, stop: Optional[int] = None, key: Optional[str] = None) -> Part:
@@ -39,6 +43,23 @@ def field(path: str, start: Optional[int] = None, stop: Optional[int] = None) ->
         value = tf.convert_to_tensor(value)
         return (value[:, None] if value.shape.rank == 1 else value)[:, start:stop]
     return Part(fn, f"{path}[{start}:{stop}]")
+
+
+def obs(key: str, start: Optional[int] = None, stop: Optional[int] = None) -> Part:
+    """Columns of one observation field by its exact key (OXE keys may hold slashes: ``present/xyz``);
+    a piece of a dataset's proprio state."""
+    def fn(_, traj):
+        value = tf.convert_to_tensor(traj["observation"][key])
+        return (value[:, None] if value.shape.rank == 1 else value)[:, start:stop]
+    return Part(fn, f"observation/{key}[{start}:{stop}]", needs=(key,))
+
+
+def zlib_floats(key: str, width: int) -> Part:
+    """An observation field stored as zlib-compressed float32 bytes per step (Kuka's state)."""
+    def fn(_, traj):
+        raw = tf.io.decode_raw(tf.io.decode_compressed(traj["observation"][key], compression_type="ZLIB"), tf.float32)
+        return tf.reshape(raw, [-1, width])
+    return Part(fn, f"zlib(observation/{key})[{width}]", needs=(key,))
 
 
 def zeros(n: int) -> Part:

@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Optional
 
 from ovla_jax.data.errors import DataError
 from ovla_jax.data.oxe import transforms as T
+from ovla_jax.data.oxe.recipes import field, obs, zeros, zlib_floats
 
 
 class StateEncoding(enum.IntEnum):
@@ -44,8 +45,9 @@ class DatasetSpec:
     # BOUNDS_Q99 normalizes the 6 motion dims; the gripper (last) stays as is.
     action_normalization_mask: tuple = (True,) * 6 + (False,)
     drop_zero_motion: bool = False  # drop frames whose 6 motion dims are all zero (DROID's idle frames)
-    # Proprio: observation keys (after standardization) concatenated into the state the model reads;
-    # None = one zero column (upstream's padding). Empty = the dataset gives no proprio.
+    # Proprio: the pieces (after standardization) concatenated into the state the model reads: an
+    # observation key (the whole field), a recipe Part (columns of a field, zeros, ...), or None = one
+    # zero column (upstream's padding). Empty = the dataset gives no proprio. See _STATE_KEYS.
     state_keys: tuple = ()
 
     @property
@@ -59,16 +61,14 @@ def _spec(primary, secondary=None, wrist=None, state=StateEncoding.POS_EULER, ac
 
 
 S, A = StateEncoding, ActionEncoding
-_EEF_PAD_GRIPPER = ("EEF_state", None, "gripper_state")  # POS_EULER: xyz + rpy, pad, gripper = 8-D
-_LIBERO = dict(wrist="wrist_image", state_keys=("EEF_state", "gripper_state"))  # 6 + 2 gripper joints = 8-D
 _TABLE = {
     # The built-in simulated tabletop of the demo (ovla_jax/sim): one 64px top-down camera, no state.
-    "ovla_tabletop": _spec("image", wrist="wrist_image", state=S.NONE, state_keys=("state",)),
+    "ovla_tabletop": _spec("image", wrist="wrist_image", state=S.NONE),
     "fractal20220817_data": _spec("image", state=S.POS_QUAT),
     "kuka": _spec("image", state=S.POS_QUAT),
-    "bridge_oxe": _spec("image", "image_1", state_keys=_EEF_PAD_GRIPPER),
-    "bridge_orig": _spec("image_0", "image_1", state_keys=_EEF_PAD_GRIPPER),
-    "bridge_dataset": _spec("image_0", "image_1", state_keys=_EEF_PAD_GRIPPER),
+    "bridge_oxe": _spec("image", "image_1"),
+    "bridge_orig": _spec("image_0", "image_1"),
+    "bridge_dataset": _spec("image_0", "image_1"),
     "taco_play": _spec("rgb_static", wrist="rgb_gripper"),
     "jaco_play": _spec("image", wrist="image_wrist"),
     "berkeley_cable_routing": _spec("image", "top_image", "wrist45_image", state=S.JOINT),
@@ -129,11 +129,93 @@ _TABLE = {
         "cover_object_with_towel")},
     "droid_wipe": _spec("exterior_image_2_left", wrist="wrist_image_left", drop_zero_motion=True),
     # LIBERO (OpenVLA's and OFT's fine-tuning suites, no-op steps removed): EEF_POS actions, 8-D proprio.
-    **{f"libero_{suite}_no_noops": _spec("image", **_LIBERO) for suite in ("spatial", "object", "goal", "10")},
+    **{f"libero_{suite}_no_noops": _spec("image", wrist="wrist_image") for suite in ("spatial", "object", "goal", "10")},
+}
+
+
+
+def _eef_pad_gripper(key: str = "state", eef: tuple = (0, 6), gripper: tuple = (-1, None)) -> tuple:
+    """The most common state layout: EEF xyz + rpy columns of one field, a zero pad, the gripper column."""
+    return (obs(key, *eef), None, obs(key, *gripper))
+
+
+_PAD8 = (None,) * 8  # datasets that record no usable state: eight zero columns, as upstream
+_EEF_PAD_GRIPPER = ("EEF_state", None, "gripper_state")  # keys the Bridge / LIBERO transforms write
+# Proprio of every dataset: upstream's state_obs_keys, with the columns its transforms cut written as
+# recipe Parts here (so the standardization transforms only touch actions).
+_STATE_KEYS = {
+    "ovla_tabletop": ("state",),  # [x, y, gripper]
+    "fractal20220817_data": ("base_pose_tool_reached", "gripper_closed"),
+    "kuka": (zlib_floats("clip_function_input/base_pose_tool_reached", 7), zlib_floats("gripper_closed", 1)),
+    "bridge_oxe": _EEF_PAD_GRIPPER,
+    "bridge_orig": _EEF_PAD_GRIPPER,
+    "bridge_dataset": _EEF_PAD_GRIPPER,
+    "taco_play": (obs("robot_obs", 0, 6), None, obs("robot_obs", 7, 8)),
+    "jaco_play": _eef_pad_gripper("end_effector_cartesian_pos"),
+    "berkeley_cable_routing": ("robot_state", None),
+    "roboturk": _PAD8,
+    "nyu_door_opening_surprising_effectiveness": _PAD8,
+    "viola": ("joint_states", "gripper_states"),
+    "berkeley_autolab_ur5": (obs("robot_state", 6, 14),),
+    "toto": ("state", None),
+    "language_table": ("effector_translation",) + (None,) * 6,
+    "columbia_cairlab_pusht_real": ("robot_state",) + (None,) * 6,
+    "stanford_kuka_multimodal_dataset_converted_externally_to_rlds": ("ee_position", "ee_orientation", None),
+    "nyu_rot_dataset_converted_externally_to_rlds": _eef_pad_gripper(),
+    "stanford_hydra_dataset_converted_externally_to_rlds": (obs("state", 0, 3), obs("state", 7, 10), None,
+                                                            obs("state", -3, -2)),
+    "austin_buds_dataset_converted_externally_to_rlds": (obs("state", 0, 8),),
+    "nyu_franka_play_dataset_converted_externally_to_rlds": (obs("state", -6, None), None, None),
+    "maniskill_dataset_converted_externally_to_rlds": ("tcp_pose", obs("state", 7, 8)),
+    "furniture_bench_dataset_converted_externally_to_rlds": (obs("state", 0, 7), obs("state", -1, None)),
+    "cmu_franka_exploration_dataset_converted_externally_to_rlds": _PAD8,
+    "ucsd_kitchen_dataset_converted_externally_to_rlds": (obs("state", 0, 7), None),
+    "ucsd_pick_and_place_dataset_converted_externally_to_rlds": _eef_pad_gripper(),
+    "austin_sailor_dataset_converted_externally_to_rlds": ("state",),
+    "austin_sirius_dataset_converted_externally_to_rlds": ("state",),
+    "bc_z": ("present/xyz", "present/axis_angle", None, "present/sensed_close"),
+    "utokyo_pr2_opening_fridge_converted_externally_to_rlds": _eef_pad_gripper(),
+    "utokyo_pr2_tabletop_manipulation_converted_externally_to_rlds": _eef_pad_gripper(),
+    "utokyo_xarm_pick_and_place_converted_externally_to_rlds": ("end_effector_pose", None, None),
+    "utokyo_xarm_bimanual_converted_externally_to_rlds": ("pose_r", None, None),
+    "robo_net": (obs("state", 0, 4), zeros(2), None, obs("state", -1, None)),
+    "berkeley_mvp_converted_externally_to_rlds": ("pose", "gripper"),
+    "berkeley_rpt_converted_externally_to_rlds": ("joint_pos", "gripper"),
+    "kaist_nonprehensile_converted_externally_to_rlds": (obs("state", -7, None), None),
+    "stanford_mask_vit_converted_externally_to_rlds": (obs("end_effector_pose", 0, 4), zeros(2), None,
+                                                       obs("end_effector_pose", -1, None)),
+    "tokyo_u_lsmo_converted_externally_to_rlds": _eef_pad_gripper(),
+    "dlr_sara_pour_converted_externally_to_rlds": ("state", None, None),
+    "dlr_sara_grid_clamp_converted_externally_to_rlds": (obs("state", 0, 6), None, None),
+    "dlr_edan_shared_control_converted_externally_to_rlds": ("state", None),
+    "asu_table_top_converted_externally_to_rlds": (field("ground_truth_states/EE"), None, obs("state", -1, None)),
+    "stanford_robocook_converted_externally_to_rlds": _eef_pad_gripper(),
+    "imperialcollege_sawyer_wrist_cam": (None,) * 7 + ("state",),
+    "iamlab_cmu_pickup_insert_converted_externally_to_rlds": (obs("state", 0, 7), obs("state", 7, 8)),
+    "uiuc_d3field": _PAD8,
+    "utaustin_mutex": (obs("state", 0, 8),),
+    "berkeley_fanuc_manipulation": _eef_pad_gripper(eef=(0, 6), gripper=(6, 7)),
+    "cmu_playing_with_food": ("state", None, None),
+    "cmu_play_fusion": ("state",),
+    "cmu_stretch": (obs("state", 0, 3), zeros(3), None, obs("state", -1, None)),
+    **{name: ("position", zeros(3), "yaw", None, None)
+       for name in ("berkeley_gnm_recon", "berkeley_gnm_cory_hall", "berkeley_gnm_sac_son")},
+    "droid": ("cartesian_position", "gripper_position"),
+    "droid_wipe": ("cartesian_position", "gripper_position"),
+    "fmb_dataset": ("eef_pose", "state_gripper_pose"),
+    "dobbe": ("state",),
+    "roboset": ("state",),
+    "rh20t": ("tcp_base", "gripper_width"),
+    **{f"tdroid_{task}": (obs("cartesian_position", 0, 6), None, obs("gripper_position", -1, None)) for task in (
+        "carrot_in_bowl", "pour_corn_in_pot", "flip_pot_upright", "move_object_onto_plate", "knock_object_over",
+        "cover_object_with_towel")},
+    # OFT's LIBERO proprio: 6 EEF dims + the 2 gripper joints, no pad (8-D).
+    **{f"libero_{suite}_no_noops": ("EEF_state", "gripper_state") for suite in ("spatial", "object", "goal", "10")},
 }
 
 REGISTRY: dict[str, DatasetSpec] = {
-    name: DatasetSpec(name=name, **{**fields, "standardize": T.STANDARDIZE.get(name)}) for name, fields in _TABLE.items()}
+    name: DatasetSpec(name=name, **{**fields, "standardize": T.STANDARDIZE.get(name),
+                                    "state_keys": _STATE_KEYS.get(name, ())}) for name, fields in _TABLE.items()}
 
 
 def register(spec: DatasetSpec) -> DatasetSpec:
