@@ -32,7 +32,7 @@ def convert(src: str, dst: str, src_format: str, dst_format: str, dtype: str | N
     """Stream SRC in one format into DST in another (or the same: a re-shard / dtype cast), one tensor
     at a time; DST appears only when complete."""
     if src_format == "train":
-        from ovla_jax.train.checkpoint import export_checkpoint
+        from ovla_jax.checkpoints.train_dir import export_checkpoint
 
         export_checkpoint(src, dst, hf.LAYOUTS[dst_format], step=step, dtype=dtype, overwrite=overwrite,
                           max_shard_bytes=max_shard_bytes, progress=progress)

@@ -46,7 +46,7 @@ class OpenVLAPolicy:
         training run's, else the checkpoint dir itself when it holds tokenizer files, else "char".
         ``normalization``: how actions (and proprio) were normalized, default the run's or bounds_q99.
         ``action_head``: what the caller expects; a mismatch with the checkpoint is an error."""
-        from ovla_jax.train.loop import make_tokenizer
+        from ovla_jax.tokenizer import make_tokenizer
 
         config, params, norm_stats, trained, trained_tokenizer = load_checkpoint_any(path, step)
         if action_head is not None and action_head != config.action_head:
@@ -56,7 +56,7 @@ class OpenVLAPolicy:
             spec = tokenizer or trained_tokenizer
             if spec is None:
                 spec = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else "char"
-            tokenizer = make_tokenizer(spec, config)
+            tokenizer = make_tokenizer(spec, config.tokenizer_vocab_size, config.n_action_bins)
         trained = trained or {}
         return cls(config, params, tokenizer, norm_stats, max_length or trained.get("max_length") or 160,
                    normalization or trained.get("normalization") or "bounds_q99")
@@ -178,7 +178,7 @@ def load_checkpoint_any(path: str, step: Optional[int] = None):
     from ovla_jax.checkpoints.errors import CheckpointError
     from ovla_jax.checkpoints.hf import load_hf_checkpoint
     from ovla_jax.checkpoints.jax_format import is_jax_checkpoint, load_jax_checkpoint
-    from ovla_jax.train import checkpoint as TC
+    from ovla_jax.checkpoints import train_dir as TC
 
     if TC.is_train_checkpoint(path):
         config, params, norm_stats, meta = TC.load_params(path, step)

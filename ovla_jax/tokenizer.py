@@ -88,3 +88,16 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=True)["input_ids"])
+
+
+def make_tokenizer(spec: str, vocab_size: int, n_action_bins: int = 256) -> Tokenizer:
+    """``char`` / ``words`` (the built-in tiny tokenizers over a model's ``vocab_size``) or a local HF
+    tokenizer dir (what a training config's ``tokenizer`` and a checkpoint record)."""
+    import os
+
+    if spec in ("char", "words"):
+        cls = CharTokenizer if spec == "char" else WordTokenizer
+        return cls(vocab_size=vocab_size, n_action_bins=n_action_bins)
+    if not os.path.isdir(spec):
+        raise ValueError(f"{spec!r} is neither 'char', 'words' nor a tokenizer directory")
+    return HFTokenizer(spec, vocab_size=vocab_size)

@@ -44,7 +44,7 @@ def test_reporter_writes_metrics_and_tensorboard_to_a_url(capsys):
 
 
 def test_train_checkpoints_resolve_and_read_meta_at_a_url():
-    from ovla_jax.train.checkpoint import read_meta, resolve
+    from ovla_jax.checkpoints.train_dir import read_meta, resolve
 
     ckpts = "ram://fileio-test/ckpt/checkpoints"
     for step in (5, 10):

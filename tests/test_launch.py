@@ -111,7 +111,7 @@ def _finish(proc, timeout=600):
 def _final_params(workdir, step):
     from flax import traverse_util
 
-    from ovla_jax.train.checkpoint import load_params
+    from ovla_jax.checkpoints.train_dir import load_params
 
     _, params, _, meta = load_params(str(workdir), step)
     assert meta["process_count"] == 2

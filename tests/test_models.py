@@ -179,3 +179,52 @@ def test_bf16_compute_keeps_fp32_logits_and_tracks_fp32(setup):
     assert got.dtype == jnp.float32
     err = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
     assert 0 < err < 0.05  # bf16 rounding is visible, but small relative to the logit scale
+
+
+def _low_precision_products(jaxpr, found):
+    """Every dot_general / conv in a jaxpr (sub-jaxprs included): (operand dtypes, result dtype)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            found.append((eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars),
+                          str(eqn.outvars[0].aval.dtype)))
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (list, tuple)) else [value]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _low_precision_products(inner, found)
+    return found
+
+
+def test_bf16_mode_multiplies_bf16_operands_into_fp32_accumulators(setup):
+    # Every matmul, conv and attention einsum: bf16 in, fp32 out (the accumulator), as TPUs / GPUs do and
+    # what makes bf16 pay on CPUs; an fp32 result of bf16 operands means preferred_element_type was set.
+    config, model, params = setup
+    pixels, ids = random_pixels(config, 1), jnp.ones((1, 4), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p: OpenVLA(config, dtype=jnp.bfloat16).apply({"params": p}, pixels, ids))(params)
+    products = _low_precision_products(jaxpr.jaxpr, [])
+    kinds = {name for name, _, _ in products}
+    assert kinds == {"dot_general", "conv_general_dilated"}, kinds
+    assert len(products) > 10
+    for name, operands, result in products:
+        assert operands == ("bfloat16", "bfloat16") and result == "float32", (name, operands, result)
+
+
+def test_low_precision_attention_tracks_fp32_with_masks_and_grouped_heads():
+    from ovla_jax.models.layers import attention
+
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
+    k, v = rng.normal(size=(2, 7, 2, 8)).astype(np.float32), rng.normal(size=(2, 7, 2, 8)).astype(np.float32)
+    mask = np.ones((2, 1, 5, 7), bool)
+    mask[1, :, :, 4:] = False  # padding keys in the second row
+    want = np.asarray(attention(q, k, v, mask=mask))
+    got = attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask=mask)
+    assert got.dtype == jnp.bfloat16
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 per operand): outputs, convex mixtures of v,
+    # move by a few of those units of max|v| through the rounded logits and probabilities.
+    assert np.abs(np.asarray(got, np.float32) - want).max() < 0.03 * np.abs(v).max()
+    # Padding keys get no weight: changing their values changes nothing.
+    v2 = v.copy()
+    v2[1, 4:] = 100.0
+    again = attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v2)), mask=mask)
+    np.testing.assert_array_equal(np.asarray(again[1], np.float32), np.asarray(got[1], np.float32))

@@ -146,7 +146,7 @@ def test_scanned_lora_run_exports_per_layer_and_refuses_a_flipped_resume(tmp_pat
     from ovla_jax.checkpoints.jax_format import load_jax_checkpoint
     from ovla_jax.convert import convert
     from ovla_jax.models.lora import merge_lora
-    from ovla_jax.train.checkpoint import load_params
+    from ovla_jax.checkpoints.train_dir import load_params
     from ovla_jax.train.loop import ConfigError, train
     from tests.test_train_loop import small_config
 

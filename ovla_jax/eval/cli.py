@@ -37,7 +37,6 @@ def run(args: argparse.Namespace) -> int:
     from ovla_jax.checkpoints.errors import CheckpointError
     from ovla_jax.eval import closed_loop as E
     from ovla_jax.policy import OpenVLAPolicy
-    from ovla_jax.train.loop import ConfigError
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
@@ -49,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         episodes = {name: E.rollout(fn, args.episodes, tasks, seed=args.seed, record=args.record if name == "openvla" else 0,
                                     progress=not args.noprogress, execute=args.execute if name == "openvla" else None)
                     for name, fn in policies.items()}
-    except (CheckpointError, ConfigError, ValueError, KeyError) as e:
+    except (CheckpointError, ValueError, KeyError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2
     results = {name: E.summarize(eps) for name, eps in episodes.items()}

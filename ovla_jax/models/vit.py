@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ovla_jax import sharding as ax
 from ovla_jax.models.config import ViTConfig
 from ovla_jax.models.lora import LoRA
-from ovla_jax.models.layers import attention, constrain, dense, exact_gelu, layer_norm
+from ovla_jax.models.layers import attention, constrain, conv_fp32_accumulate, dense, exact_gelu, layer_norm
 from ovla_jax.models.remat import remat_module
 from ovla_jax.models.scan import scanned
 
@@ -158,10 +158,10 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         return nn.Conv(
             self.width, (p, p), strides=(p, p), padding="VALID", name="proj",
-            dtype=self.dtype, param_dtype=self.param_dtype,
+            dtype=self.dtype, param_dtype=self.param_dtype, conv_general_dilated=conv_fp32_accumulate,
             kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, ax.PATCH, ax.EMBED)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (ax.EMBED,)),
-        )(images.astype(self.dtype))
+        )(images.astype(self.dtype)).astype(self.dtype)
 
 
 class ViT(nn.Module):

@@ -22,14 +22,16 @@ from flax.linen import meta as flax_meta
 from ovla_jax import fileio, sharding
 from ovla_jax.checkpoints.hf import read_config
 from ovla_jax.checkpoints.hf_config import config_to_hf
+from ovla_jax.checkpoints.train_dir import read_meta, resolve
 from ovla_jax.data.batch import BatchTransform, batch_spec, to_global_arrays
 from ovla_jax.data.errors import DataError
 from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches, usable_datasets
 from ovla_jax.models.config import OFT_FIELDS, OpenVLAConfig, from_config_dict, pixel_normalizations
 from ovla_jax.models.lora import lora_from_config
 from ovla_jax.models.openvla import OpenVLA
+from ovla_jax.tokenizer import make_tokenizer
 from ovla_jax.train import optimizer as O
-from ovla_jax.train.checkpoint import Checkpointer, read_meta, resolve
+from ovla_jax.train.checkpoint import Checkpointer
 from ovla_jax.train.preemption import PreemptionWatch
 from ovla_jax.train.report import Reporter, summarize
 from ovla_jax.train.step import Trainer
@@ -55,18 +57,6 @@ class RunResult:
     history: list
     message: str = ""
     state: Any = None  # the final TrainState (device arrays)
-
-
-def make_tokenizer(spec: str, config: OpenVLAConfig):
-    """``char`` / ``words`` (the built-in tiny tokenizers, vocab = the model's) or a local HF tokenizer dir."""
-    from ovla_jax.tokenizer import CharTokenizer, HFTokenizer, WordTokenizer
-
-    if spec in ("char", "words"):
-        cls = CharTokenizer if spec == "char" else WordTokenizer
-        return cls(vocab_size=config.tokenizer_vocab_size, n_action_bins=config.n_action_bins)
-    if not os.path.isdir(spec):
-        raise ConfigError(f"tokenizer: {spec!r} is neither 'char', 'words' nor a tokenizer directory")
-    return HFTokenizer(spec, vocab_size=config.tokenizer_vocab_size)
 
 
 def model_config(config) -> tuple[OpenVLAConfig, dict]:
@@ -211,7 +201,10 @@ def train(config, workdir: str, *, progress: bool = True,
     if config.batch_size % pcount:
         raise ConfigError(f"batch_size {config.batch_size} does not split over {pcount} processes")
     host_batch = config.batch_size // pcount
-    tokenizer = make_tokenizer(config.tokenizer, model_cfg)
+    try:
+        tokenizer = make_tokenizer(config.tokenizer, model_cfg.tokenizer_vocab_size, model_cfg.n_action_bins)
+    except ValueError as e:
+        raise ConfigError(f"tokenizer: {e}") from None
     dc = data_config(config, model_cfg)
     bt = BatchTransform(tokenizer, config.max_length, model_cfg.n_action_bins, window=dc.window,
                         chunk=model_cfg.chunk, parallel=model_cfg.parallel)
