@@ -3,10 +3,16 @@ autoregressive OpenVLA (7 KV-cached greedy tokens per action) on the same backbo
 process, through ``OpenVLAPolicy.predict_action`` (preprocessing included).
 
     python bench/bench_policy.py [--size tiny|mid] [--repeats 20]
+    python bench/bench_policy.py --dtypes [--size towers] [--repeats 5]
 
 ``tiny`` is the demo's model (56px tiny towers, 2-layer 64-wide Llama); ``mid`` has 224px towers of
-width 256 x 6 blocks and a 4-layer 512-wide Llama (vocab 32064), where the LLM weighs more. Random
-weights: speed does not depend on them. Prints both rates and their ratio.
+width 256 x 6 blocks and a 4-layer 512-wide Llama (vocab 32064), where the LLM weighs more; ``towers``
+has the real DINOv2 ViT-L/14 + SigLIP So400m/14 towers at 224px and the tiny Llama (where the vision
+towers dominate, as in the 7B model at batch 1 on a CPU). Random weights: speed does not depend on them.
+Prints both rates and their ratio.
+
+``--dtypes``: latency of the autoregressive predict at batch 1 in fp32 and in bf16 (bf16 operands,
+fp32 accumulation) in the same process, their ratio, and whether both give the same greedy tokens.
 """
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ def build(size: str):
 
     if size == "tiny":
         base = tiny_openvla_config(image_size=56)
+    elif size == "towers":
+        base = openvla_config("dinosiglip-vit-so-224px", llm=tiny_openvla_config().llm, pad_token_id=320,
+                              hf=json.dumps({"vision_backbone_id": "dinosiglip-vit-so-224px", "llm_backbone_id": "llama2-tiny"}))
     else:
         llm = LlamaConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8)
         base = openvla_config("dinosiglip-vit-tiny", llm=llm, image_size=224,
@@ -33,13 +42,14 @@ def build(size: str):
     return base, oft
 
 
-def policy_for(config, seed: int = 0):
+def policy_for(config, seed: int = 0, dtype: str = "float32", params=None):
     from ovla_jax.checkpoints.hf import abstract_params
     from ovla_jax.policy import OpenVLAPolicy
     from ovla_jax.tokenizer import WordTokenizer
 
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.02).astype(np.float32), abstract_params(config))
+    if params is None:
+        params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.02).astype(np.float32), abstract_params(config))
     stats = {"toy": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]},
                      "proprio": {"q01": [0.0] * 3, "q99": [1.0] * 3, "min": [0.0] * 3, "max": [1.0] * 3}}}
     tok = WordTokenizer(config.tokenizer_vocab_size, config.n_action_bins) if config.tokenizer_vocab_size <= 4096 else None
@@ -47,7 +57,7 @@ def policy_for(config, seed: int = 0):
         from ovla_jax.tokenizer import CharTokenizer
 
         tok = CharTokenizer(config.tokenizer_vocab_size, config.n_action_bins)
-    return OpenVLAPolicy(config, params, tok, stats, max_length=160)
+    return OpenVLAPolicy(config, params, tok, stats, max_length=160, dtype=dtype)
 
 
 def actions_per_second(policy, repeats: int, chunked: bool) -> float:
@@ -63,11 +73,41 @@ def actions_per_second(policy, repeats: int, chunked: bool) -> float:
     return repeats * per_call / seconds
 
 
+def latency_by_dtype(config, repeats: int) -> None:
+    """fp32 vs bf16 predict latency at batch 1 on the same weights; greedy tokens compared."""
+    from ovla_jax.checkpoints.hf import abstract_params
+
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.02).astype(np.float32), abstract_params(config))
+    image = np.random.default_rng(1).integers(0, 255, (224, 224, 3), np.uint8)
+    seconds, tokens = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        policy = policy_for(config, dtype=dtype, params=params)
+        ids, mask = policy.prompts(["pick up the red block"])
+        pixels = policy.model_pixels(image[None])
+        tokens[dtype] = policy.predict_action_tokens(pixels, ids, mask)  # compile
+        start = time.perf_counter()
+        for _ in range(repeats):
+            policy.predict_action(image, "pick up the red block")
+        seconds[dtype] = (time.perf_counter() - start) / repeats
+        del policy
+    same = bool(np.array_equal(tokens["float32"], tokens["bfloat16"]))
+    print(f"predict latency at batch 1, {repeats} calls each, {jax.devices()[0].platform}:")
+    for dtype, s in seconds.items():
+        print(f"  {dtype:9s} {s * 1e3:9.1f} ms")
+    print(f"  ratio bf16 / fp32: {seconds['bfloat16'] / seconds['float32']:.2f}x; same greedy tokens: {same}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=("tiny", "mid"), default="tiny")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--size", choices=("tiny", "mid", "towers"), default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--dtypes", action="store_true", help="fp32 vs bf16 latency (default size: towers)")
     args = p.parse_args(argv)
+    if args.dtypes:
+        latency_by_dtype(build(args.size or "towers")[0], args.repeats or 5)
+        return
+    args.size, args.repeats = args.size or "tiny", args.repeats or 20
     base, oft = build(args.size)
     ar_rate = actions_per_second(policy_for(base), args.repeats, chunked=False)
     oft_rate = actions_per_second(policy_for(oft), args.repeats, chunked=True)

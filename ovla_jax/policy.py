@@ -22,16 +22,25 @@ from ovla_jax.models.openvla import OpenVLA, greedy_decode, parallel_decode
 from ovla_jax.data.batch import prompt_ids
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 class OpenVLAPolicy:
     """``OpenVLAPolicy.from_pretrained(path)``, then ``predict_action(images, instructions)``."""
 
     def __init__(self, config: OpenVLAConfig, params, tokenizer, norm_stats: dict, max_length: int = 160,
-                 normalization: str = "bounds_q99"):
+                 normalization: str = "bounds_q99", dtype: str = "float32"):
         if normalization not in A.NORMALIZATIONS:
             raise ValueError(f"unknown normalization {normalization!r}; choose from {A.NORMALIZATIONS}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose from {DTYPES}")
         self.config, self.tokenizer, self.max_length = config, tokenizer, max_length
-        self.normalization = normalization
-        self.model = OpenVLA(config)
+        self.normalization, self.dtype = normalization, dtype
+        # bf16: weights stored in bf16 (half the memory traffic), every product accumulated in fp32.
+        self.model = OpenVLA(config, dtype=jnp.dtype(dtype))
+        if dtype != "float32":
+            params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)) if np.issubdtype(np.asarray(a).dtype, np.floating)
+                                  else a, params)
         self.params = jax.device_put(params)
         self.norm_stats = norm_stats
         self.towers = pixel_normalizations(config)
@@ -40,12 +49,13 @@ class OpenVLAPolicy:
     @classmethod
     def from_pretrained(cls, path: str, tokenizer=None, step: Optional[int] = None,
                         max_length: Optional[int] = None, normalization: Optional[str] = None,
-                        action_head: Optional[str] = None) -> "OpenVLAPolicy":
+                        action_head: Optional[str] = None, dtype: str = "float32") -> "OpenVLAPolicy":
         """A train workdir / checkpoint, an ovla-jax dir or an HF dir (an OFT one too: its head files
         beside it). ``tokenizer``: a Tokenizer, a spec ("char", "words", a tokenizer dir), or None = the
         training run's, else the checkpoint dir itself when it holds tokenizer files, else "char".
         ``normalization``: how actions (and proprio) were normalized, default the run's or bounds_q99.
-        ``action_head``: what the caller expects; a mismatch with the checkpoint is an error."""
+        ``action_head``: what the caller expects; a mismatch with the checkpoint is an error.
+        ``dtype``: ``float32`` or ``bfloat16`` (bf16 weights and operands, fp32 accumulation: ~2x on CPU)."""
         from ovla_jax.tokenizer import make_tokenizer
 
         config, params, norm_stats, trained, trained_tokenizer = load_checkpoint_any(path, step)
@@ -59,7 +69,7 @@ class OpenVLAPolicy:
             tokenizer = make_tokenizer(spec, config.tokenizer_vocab_size, config.n_action_bins)
         trained = trained or {}
         return cls(config, params, tokenizer, norm_stats, max_length or trained.get("max_length") or 160,
-                   normalization or trained.get("normalization") or "bounds_q99")
+                   normalization or trained.get("normalization") or "bounds_q99", dtype=dtype)
 
     def action_stats(self, unnorm_key: Optional[str] = None) -> dict:
         return pick_stats(self.norm_stats, unnorm_key)

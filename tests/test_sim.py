@@ -3,6 +3,7 @@ normal pipeline, the evaluation harness, and a seconds-long `ovla-jax demo --qui
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -177,6 +178,15 @@ def test_demo_quick_runs_end_to_end(tmp_path):
         policy.predict_action(images, [e.instruction for e in envs], wrist_images=wrist)
     with pytest.raises(ValueError, match="action_head"):
         OpenVLAPolicy.from_pretrained(str(workdir / "run_oft"), action_head="tokens")
+    # bf16 inference: bf16 weights and operands, fp32 accumulators; float32 actions that track fp32 within
+    # bf16's rounding (8 significant bits, a few layers deep: ~1e-2 of the action scale)
+    oft_bf16 = OpenVLAPolicy.from_pretrained(str(workdir / "run_oft"), dtype="bfloat16")
+    assert {str(a.dtype) for a in jax.tree.leaves(oft_bf16.params)} == {"bfloat16"}
+    low = oft_bf16.predict_action(images, [e.instruction for e in envs], wrist_images=wrist, proprio=states)
+    assert low.dtype == np.float32 and low.shape == chunks.shape
+    np.testing.assert_allclose(low, chunks, atol=0.05 * max(1.0, float(np.abs(chunks).max())))
+    with pytest.raises(ValueError, match="dtype"):
+        OpenVLAPolicy.from_pretrained(str(workdir / "run_oft"), dtype="float16")
     convert(str(workdir / "run_oft"), str(tmp_path / "oft_hf"), "train", "hf", progress=False)
     assert sorted(f for f in os.listdir(tmp_path / "oft_hf") if "--" in f) == [
         "action_head--latest_checkpoint.pt", "action_head--latest_checkpoint.safetensors",

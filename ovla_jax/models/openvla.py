@@ -154,7 +154,7 @@ class OpenVLA(nn.Module):
 
     def regress(self, slot_hidden):
         """L1 head: slot states float[B, K * D, H] -> normalized actions float32[B, K, D]."""
-        return self.action_head(slot_hidden)
+        return self.action_head(slot_hidden).astype(jnp.float32)
 
     def prefill(self, pixel_values, input_ids, attention_mask, cache: KVCache):
         """Run the prompt through the LLM into ``cache``; return logits float32[B, V] of each row's
