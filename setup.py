@@ -27,7 +27,12 @@ setup(
     extras_require={
         # PyTorch reference for parity tests and export checks; never imported by the package itself.
         "torch": ["torch>=2.1", "torchvision", "timm>=1.0", "transformers>=4.40"],
-        "dev": ["pytest", "pytest-timeout", "pyyaml"],
+        "dev": ["pytest", "pytest-timeout", "pyyaml", "requests",
+                # openpi's client for the serving tests (install it with --no-deps: it pins numpy < 2, which
+                # JAX does not allow; its own needs are listed here)
+                "dm-tree", "pillow", "typing-extensions"],
+        # ovla-jax serve: an ASGI app (Starlette) on uvicorn; json_numpy and msgpack for the two protocols.
+        "serve": ["starlette>=0.40", "uvicorn[standard]>=0.30", "json-numpy>=2.0", "msgpack>=1.0", "websockets>=12"],
         # libtpu: training on TPU VMs, and ahead-of-time compiles for TPU slices on any host (ovla-jax compile).
         "tpu": ["jax[tpu]"],
         # CUDA 12 wheels of jaxlib for GPU training (launch/slurm_gpu.sbatch).

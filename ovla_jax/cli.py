@@ -5,16 +5,16 @@ import argparse
 import os
 import sys
 
-# Verbs whose capability has not landed yet, with the issue that brings it.
-_PENDING = {
-    "serve": "the policy server",
-}
-
-
 def _demo(args: argparse.Namespace) -> int:
     from ovla_jax import demo
 
     return demo.run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ovla_jax.serve import cli as serve_cli
+
+    return serve_cli.run(args)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -39,14 +39,6 @@ def _compile(argv) -> int:
         print(compile_cli.__doc__ + "\n" + compile_cli.USAGE)
         return 0
     return compile_cli.run(argv)
-
-
-def _pending(verb: str):
-    def run(_args) -> int:
-        print(f"ovla-jax {verb}: not available yet; it arrives with {_PENDING[verb]}.", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description=eval_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     eval_cli.add_arguments(p)
     p.set_defaults(run=_eval)
-    for verb, what in _PENDING.items():
-        p = verbs.add_parser(verb, help=f"(arrives with {what})")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(run=_pending(verb))
+    from ovla_jax.serve import cli as serve_cli
+
+    p = verbs.add_parser("serve", help="serve a policy: official REST (POST /act) and openpi websocket clients",
+                         description=serve_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve_cli.add_arguments(p)
+    p.set_defaults(run=_serve)
     return parser
 
 
