@@ -10,6 +10,7 @@ here: an ``ovla-jax train`` workdir (LoRA merged), an ovla-jax dir, or an HF PyT
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Optional, Sequence
 
 import jax
@@ -29,7 +30,7 @@ class OpenVLAPolicy:
     """``OpenVLAPolicy.from_pretrained(path)``, then ``predict_action(images, instructions)``."""
 
     def __init__(self, config: OpenVLAConfig, params, tokenizer, norm_stats: dict, max_length: int = 160,
-                 normalization: str = "bounds_q99", dtype: str = "float32"):
+                 normalization: str = "bounds_q99", dtype: str = "float32", quantize: str = "none"):
         if normalization not in A.NORMALIZATIONS:
             raise ValueError(f"unknown normalization {normalization!r}; choose from {A.NORMALIZATIONS}")
         if dtype not in DTYPES:
@@ -41,7 +42,15 @@ class OpenVLAPolicy:
         if dtype != "float32":
             params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)) if np.issubdtype(np.asarray(a).dtype, np.floating)
                                   else a, params)
+        from ovla_jax import quantize as Q
+
+        self.quantize = quantize
+        # int8: Dense kernels stored as int8 + per-channel scales, dequantized inside the jitted call.
+        params = Q.quantize_params(params, quantize)
         self.params = jax.device_put(params)
+        dequantize = partial(Q.dequantize, dtype=jnp.dtype(dtype))
+        self._greedy = jax.jit(lambda p, *a: greedy_decode(self.model, dequantize(p), *a, num_tokens=7))
+        self._parallel = jax.jit(lambda p, *a: parallel_decode(self.model, dequantize(p), *a))
         self.norm_stats = norm_stats
         self.towers = pixel_normalizations(config)
         self.image_size = config.vision[0].image_size
@@ -49,13 +58,15 @@ class OpenVLAPolicy:
     @classmethod
     def from_pretrained(cls, path: str, tokenizer=None, step: Optional[int] = None,
                         max_length: Optional[int] = None, normalization: Optional[str] = None,
-                        action_head: Optional[str] = None, dtype: str = "float32") -> "OpenVLAPolicy":
+                        action_head: Optional[str] = None, dtype: str = "float32",
+                        quantize: str = "none") -> "OpenVLAPolicy":
         """A train workdir / checkpoint, an ovla-jax dir or an HF dir (an OFT one too: its head files
         beside it). ``tokenizer``: a Tokenizer, a spec ("char", "words", a tokenizer dir), or None = the
         training run's, else the checkpoint dir itself when it holds tokenizer files, else "char".
         ``normalization``: how actions (and proprio) were normalized, default the run's or bounds_q99.
         ``action_head``: what the caller expects; a mismatch with the checkpoint is an error.
-        ``dtype``: ``float32`` or ``bfloat16`` (bf16 weights and operands, fp32 accumulation: ~2x on CPU)."""
+        ``dtype``: ``float32`` or ``bfloat16`` (bf16 weights and operands, fp32 accumulation: ~2x on CPU).
+        ``quantize``: ``none`` or ``int8`` (weight-only, per output channel; see ``ovla_jax.quantize``)."""
         from ovla_jax.tokenizer import make_tokenizer
 
         config, params, norm_stats, trained, trained_tokenizer = load_checkpoint_any(path, step)
@@ -69,7 +80,7 @@ class OpenVLAPolicy:
             tokenizer = make_tokenizer(spec, config.tokenizer_vocab_size, config.n_action_bins)
         trained = trained or {}
         return cls(config, params, tokenizer, norm_stats, max_length or trained.get("max_length") or 160,
-                   normalization or trained.get("normalization") or "bounds_q99", dtype=dtype)
+                   normalization or trained.get("normalization") or "bounds_q99", dtype=dtype, quantize=quantize)
 
     def action_stats(self, unnorm_key: Optional[str] = None) -> dict:
         return pick_stats(self.norm_stats, unnorm_key)
@@ -110,8 +121,8 @@ class OpenVLAPolicy:
         """Low level: model inputs -> int32[B, 7] greedy action tokens (KV-cached decode)."""
         if attention_mask is None:
             attention_mask = np.ones(np.shape(input_ids), bool)
-        tokens, _ = greedy_decode(self.model, self.params, jnp.asarray(pixel_values), jnp.asarray(input_ids),
-                                  jnp.asarray(attention_mask), num_tokens=7)
+        tokens, _ = self._greedy(self.params, jnp.asarray(pixel_values), jnp.asarray(input_ids),
+                                 jnp.asarray(attention_mask))
         return np.asarray(tokens)
 
     def proprio_values(self, proprio, batch: int, unnorm_key: Optional[str] = None) -> Optional[np.ndarray]:
@@ -170,7 +181,7 @@ class OpenVLAPolicy:
         ids, mask = self.prompts(instructions)
         stats = self.action_stats(unnorm_key)
         if cfg.parallel:
-            normalized, _ = parallel_decode(self.model, self.params, jnp.asarray(pixels), jnp.asarray(ids),
+            normalized, _ = self._parallel(self.params, jnp.asarray(pixels), jnp.asarray(ids),
                                             jnp.asarray(mask), jnp.asarray(self.action_slots(mask)),
                                             None if state is None else jnp.asarray(state))
             actions = A.unnormalize(np.asarray(normalized), stats, self.normalization)  # [B, K, D]

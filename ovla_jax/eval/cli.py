@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chunked (OFT) policies: steps of each chunk to run before re-planning (default: all)")
     p.add_argument("--record", type=int, default=0, help="episodes per task to draw into a filmstrip")
     p.add_argument("--out", default=None, help="write the results as JSON here (and the filmstrip next to it)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="inference precision")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: weight-only, per channel")
     p.add_argument("--noprogress", action="store_true")
 
 
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
-        policy = OpenVLAPolicy.from_pretrained(args.checkpoint, args.tokenizer, args.step, args.max_length)
+        policy = OpenVLAPolicy.from_pretrained(args.checkpoint, args.tokenizer, args.step, args.max_length,
+                                               dtype=args.dtype, quantize=args.quantize)
         policy.action_stats(args.stats_key)  # fail now, not mid-rollout, when the statistics are ambiguous
         policies = {"openvla": E.vla_policy(policy, args.stats_key)}
         if args.baselines:

@@ -43,13 +43,11 @@ def build(args, progress=print):
     from ovla_jax.serve.app import ObservationKeys, make_app
     from ovla_jax.serve.batcher import Batcher
 
-    if args.quantize != "none":
-        raise ValueError(f"--quantize {args.quantize}: not available yet (int8 weights arrive with the serving issue's "
-                         f"quantization step)")
     keys = ObservationKeys.parse(args.obs_keys)
     t = time.perf_counter()
-    policy = OpenVLAPolicy.from_pretrained(args.checkpoint, args.tokenizer, max_length=args.max_length, dtype=args.dtype)
-    progress(f"loaded {args.checkpoint} ({args.dtype}) in {time.perf_counter() - t:.1f}s")
+    policy = OpenVLAPolicy.from_pretrained(args.checkpoint, args.tokenizer, max_length=args.max_length, dtype=args.dtype,
+                                           quantize=args.quantize)
+    progress(f"loaded {args.checkpoint} ({args.dtype}, quantize {args.quantize}) in {time.perf_counter() - t:.1f}s")
     batcher = Batcher(policy, args.max_batch, args.max_wait_ms)
     batcher.warm_up(warmup_example(policy, args.unnorm_key), progress=progress)
     app = make_app(policy, name=os.path.basename(os.path.normpath(args.checkpoint)), max_batch=args.max_batch,

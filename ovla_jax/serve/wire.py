@@ -79,7 +79,8 @@ def metadata(policy, name: str) -> dict:
     cfg = policy.config
     return {"model": name, "action_head": cfg.action_head, "action_dim": cfg.action_dim,
             "chunk": cfg.chunk if cfg.parallel else 1, "num_images": cfg.num_images, "proprio_dim": cfg.proprio_dim,
-            "unnorm_keys": sorted(policy.norm_stats), "dtype": policy.dtype}
+            "unnorm_keys": sorted(policy.norm_stats), "dtype": policy.dtype,
+            "quantize": policy.quantize}
 
 
 def json_metadata(policy, name: str) -> str:
