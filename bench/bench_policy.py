@@ -13,6 +13,13 @@ Prints both rates and their ratio.
 
 ``--dtypes``: latency of the autoregressive predict at batch 1 in fp32 and in bf16 (bf16 operands,
 fp32 accumulation) in the same process, their ratio, and whether both give the same greedy tokens.
+
+    python bench/bench_policy.py --checkpoint workdir/demo/run_oft [--clients 16] [--requests 64]
+
+``--checkpoint``: a trained policy (e.g. the demo's): latency at batch 1 in fp32, bf16 and int8;
+actions/s at batch 1 to 32; then ``ovla-jax serve``'s app on uvicorn in this process, answering
+``--requests`` official-protocol requests from one client at a time, then from ``--clients`` concurrent
+clients (dynamic batching), every answer checked against ``predict_action``; throughput ratio printed.
 """
 from __future__ import annotations
 
@@ -98,12 +105,103 @@ def latency_by_dtype(config, repeats: int) -> None:
     print(f"  ratio bf16 / fp32: {seconds['bfloat16'] / seconds['float32']:.2f}x; same greedy tokens: {same}")
 
 
+def _observation(policy, rng, n):
+    """n random camera frames (+ wrist, proprio when the model reads them) from the built-in tabletop."""
+    from ovla_jax.sim.tabletop import Tabletop
+
+    envs = [Tabletop(int(s)) for s in rng.integers(0, 10**6, n)]
+    cfg = policy.config
+    return (np.stack([e.render_scene() for e in envs]), [e.instruction for e in envs],
+            np.stack([e.render() for e in envs]) if cfg.num_images > 1 else None,
+            np.stack([e.state() for e in envs]) if cfg.proprio_dim else None)
+
+
+def _timed(fn, repeats):
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def checkpoint_bench(path: str, clients: int, requests_total: int, repeats: int) -> None:
+    from ovla_jax.policy import OpenVLAPolicy
+
+    rng = np.random.default_rng(0)
+    policies = {}
+    print(f"{path}: latency at batch 1 ({repeats} calls each)")
+    for label, kw in (("fp32", {}), ("bf16", dict(dtype="bfloat16")), ("int8", dict(quantize="int8"))):
+        policies[label] = policy = OpenVLAPolicy.from_pretrained(path, **kw)
+        images, texts, wrist, state = _observation(policy, rng, 1)
+        seconds = _timed(lambda: policy.predict_action(images, texts, wrist_images=wrist, proprio=state), repeats)
+        print(f"  {label}: {seconds * 1e3:8.1f} ms" + (f"  ({seconds / base:.2f}x fp32)" if label != "fp32" else ""))
+        base = seconds if label == "fp32" else base
+    policy = policies["fp32"]
+    per_call = policy.config.chunk if policy.config.parallel else 1
+    print("actions/s by batch size (fp32, one call per batch):")
+    rates = {}
+    for batch in (1, 2, 4, 8, 16, 32):
+        images, texts, wrist, state = _observation(policy, rng, batch)
+        seconds = _timed(lambda: policy.predict_action(images, texts, wrist_images=wrist, proprio=state), max(2, repeats // 2))
+        rates[batch] = batch * per_call / seconds
+        print(f"  batch {batch:2d}: {rates[batch]:9.1f} actions/s ({rates[batch] / rates[1]:.2f}x batch 1)")
+    serve_bench(policy, clients, requests_total)
+
+
+def serve_bench(policy, clients: int, requests_total: int) -> None:
+    """Throughput of the server: one client at a time vs ``clients`` at once, answers checked."""
+    import concurrent.futures
+
+    import json_numpy
+    import requests
+
+    from ovla_jax.serve.background import BackgroundServer
+
+    rng = np.random.default_rng(1)
+    key = next(iter(policy.norm_stats))
+    images, texts, wrist, state = _observation(policy, rng, requests_total)
+    bodies = []
+    for i in range(requests_total):
+        payload = {"image": images[i], "instruction": texts[i], "unnorm_key": key}
+        if wrist is not None:
+            payload["wrist_image"] = wrist[i]
+        if state is not None:
+            payload["proprio"] = state[i]
+        bodies.append(json_numpy.dumps(payload))
+    want = [policy.predict_action(images[i], texts[i], key, wrist_images=None if wrist is None else wrist[i],
+                                  proprio=None if state is None else state[i]) for i in range(requests_total)]
+    with BackgroundServer(policy, max_batch=clients, max_wait_ms=5.0) as srv:
+        session = requests.Session()
+
+        def send(i):
+            r = session.post(srv.url + "/act", data=bodies[i], timeout=600)
+            return json_numpy.loads(r.text)
+
+        results = {}
+        for label, workers in (("one client at a time", 1), (f"{clients} concurrent clients", clients)):
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                got = list(pool.map(send, range(requests_total)))
+            results[label] = requests_total / (time.perf_counter() - start)
+            worst = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
+            print(f"  server, {label}: {results[label]:8.2f} requests/s; largest difference from predict_action "
+                  f"{worst:.2e}")
+        one, many = results.values()
+        print(f"  ratio {clients} clients / one: {many / one:.2f}x (batched model calls: {srv.app.state.batcher.calls})")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("tiny", "mid", "towers"), default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--dtypes", action="store_true", help="fp32 vs bf16 latency (default size: towers)")
+    p.add_argument("--checkpoint", help="a trained policy: latency by precision, batch sweep and the server")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=64)
     args = p.parse_args(argv)
+    if args.checkpoint:
+        checkpoint_bench(args.checkpoint, args.clients, args.requests, args.repeats or 10)
+        return
     if args.dtypes:
         latency_by_dtype(build(args.size or "towers")[0], args.repeats or 5)
         return

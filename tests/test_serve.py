@@ -5,9 +5,6 @@ good ones mixed in are answered correctly, with no restart."""
 import concurrent.futures
 import dataclasses
 import json
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -21,9 +18,9 @@ from ovla_jax.checkpoints.hf import abstract_params  # noqa: E402
 from ovla_jax.models.config import tiny_openvla_config  # noqa: E402
 from ovla_jax.policy import OpenVLAPolicy  # noqa: E402
 from ovla_jax.serve import wire  # noqa: E402
-from ovla_jax.serve.app import ObservationKeys, make_app  # noqa: E402
-from ovla_jax.serve.batcher import Batcher, buckets  # noqa: E402
-from ovla_jax.serve.cli import warmup_example  # noqa: E402
+from ovla_jax.serve.app import ObservationKeys  # noqa: E402
+from ovla_jax.serve.background import BackgroundServer  # noqa: E402
+from ovla_jax.serve.batcher import buckets  # noqa: E402
 from ovla_jax.tokenizer import WordTokenizer  # noqa: E402
 
 STATS = {"toy": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]},
@@ -42,35 +39,8 @@ def _policy(**oft):
     return OpenVLAPolicy(config, params, tok, STATS, max_length=96 if oft else 32)
 
 
-class Server:
-    """The app on uvicorn in a background thread, on a free port."""
-
-    def __init__(self, policy, **kw):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        batcher = Batcher(policy, kw.pop("max_batch", 4), kw.pop("max_wait_ms", 20.0))
-        batcher.warm_up(warmup_example(policy, "toy"), progress=None)
-        self.app = make_app(policy, batcher=batcher, max_batch=batcher.max_batch, **kw)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
-                                                    ws_max_size=kw.get("max_body_bytes", 16 << 20)))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
+def Server(policy, **kw):
+    return BackgroundServer(policy, **{"max_batch": 4, "max_wait_ms": 20.0, "unnorm_key": None, **kw})
 
 
 @pytest.fixture(scope="module")

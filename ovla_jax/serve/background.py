@@ -1,0 +1,43 @@
+"""The server on uvicorn in a background thread of this process, on a free port: for tests, benchmarks
+and notebooks (``with BackgroundServer(policy) as srv: requests.post(srv.url + "/act", ...)``)."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from ovla_jax.serve.app import make_app
+from ovla_jax.serve.batcher import Batcher
+from ovla_jax.serve.cli import warmup_example
+
+
+class BackgroundServer:
+    def __init__(self, policy, *, max_batch: int = 4, max_wait_ms: float = 20.0, unnorm_key=None, **app_kw):
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        batcher = Batcher(policy, max_batch, max_wait_ms)
+        batcher.warm_up(warmup_example(policy, unnorm_key or next(iter(policy.norm_stats))), progress=None)
+        self.app = make_app(policy, batcher=batcher, max_batch=max_batch, unnorm_key=unnorm_key, **app_kw)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    ws_max_size=app_kw.get("max_body_bytes", 16 << 20)))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
