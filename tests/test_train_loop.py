@@ -105,14 +105,15 @@ def test_lora_run_exports_merged_weights(tmp_path):
     assert exported.keys() == merged.keys()
     for k in merged:
         np.testing.assert_allclose(exported[k], merged[k], rtol=0, atol=1e-6, err_msg=str(k))
-    # Layering: inference loads a train checkpoint (LoRA merged, the run's tokenizer) with no training code.
+    # Layering: inference loads a train checkpoint (LoRA merged, the run's tokenizer) with no training code;
+    # the path is relative to the caller's directory.
     probe = ("import sys, numpy as np\n"
              "from ovla_jax.policy import OpenVLAPolicy\n"
-             f"p = OpenVLAPolicy.from_pretrained({str(tmp_path / 'run')!r})\n"
+             "p = OpenVLAPolicy.from_pretrained('run')\n"
              "a = p.predict_action(np.zeros((64, 64, 3), np.uint8), 'pick up the block')\n"
              "assert a.shape == (7,) and np.isfinite(a).all(), a\n"
              "print(sorted(m for m in sys.modules if m.startswith('ovla_jax.train')))\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=str(tmp_path),
                          env={**os.environ, "XLA_FLAGS": ""}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -38,7 +38,9 @@ def _steps(directory: str) -> list[int]:
 
 
 def resolve(path: str, step: Optional[int] = None) -> str:
-    """A run's workdir, its ``checkpoints`` dir, or one step dir -> that step's dir (latest by default)."""
+    """A run's workdir, its ``checkpoints`` dir, or one step dir -> that step's dir (latest by default),
+    as an absolute path (orbax reads no metadata through a relative one)."""
+    path = fileio.absolute(path)
     if fileio.isdir(fileio.join(path, "params")) and fileio.isdir(fileio.join(path, "meta")):
         return path
     if fileio.isdir(fileio.join(path, "checkpoints")):
