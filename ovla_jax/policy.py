@@ -91,9 +91,10 @@ class OpenVLAPolicy:
 
         from ovla_jax.data import frames as F
 
+        # The pipeline's per-image ops, applied to the whole batch at once (resize and normalization act on
+        # each image alone, so the result is the same; a per-image map costs ~8 ms an image on a CPU).
         batch = tf.convert_to_tensor(np.asarray(images, np.uint8))
-        resized = tf.map_fn(lambda im: F.resize(im, self.image_size), batch)
-        return tf.map_fn(lambda im: F.pixel_values(im, self.towers), resized, fn_output_signature=tf.float32).numpy()
+        return F.pixel_values(F.resize(batch, self.image_size), self.towers).numpy()
 
     def prompts(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """-> (input_ids, attention_mask) right-padded to ``max_length``. Parallel (OFT) models: the

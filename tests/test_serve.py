@@ -243,3 +243,13 @@ def test_serve_cli_loads_a_checkpoint_compiles_every_bucket_and_names_bad_argume
     assert "missing" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", "words", "--obs-keys", "camera=x"]) == 2
     assert "FIELD=KEY" in capsys.readouterr().err
+
+
+def test_policy_preprocesses_a_batch_exactly_as_the_pipeline_does_each_image(ar_policy):
+    import tensorflow as tf
+
+    from ovla_jax.data import frames as F
+
+    images = _images(4, 11, size=80)  # resized to the model's 56px
+    one_by_one = np.stack([F.pixel_values(F.resize(tf.constant(im), 56), ar_policy.towers).numpy() for im in images])
+    np.testing.assert_array_equal(ar_policy.pixel_values(images), one_by_one)
