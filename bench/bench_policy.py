@@ -170,7 +170,7 @@ def serve_bench(policy, clients: int, requests_total: int) -> None:
         bodies.append(json_numpy.dumps(payload))
     want = [policy.predict_action(images[i], texts[i], key, wrist_images=None if wrist is None else wrist[i],
                                   proprio=None if state is None else state[i]) for i in range(requests_total)]
-    with BackgroundServer(policy, max_batch=clients, max_wait_ms=5.0) as srv:
+    with BackgroundServer(policy, max_batch=clients, max_wait_ms=0.0) as srv:
         session = requests.Session()
 
         def send(i):

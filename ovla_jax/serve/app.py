@@ -50,7 +50,7 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def make_app(policy, *, name: str = "ovla-jax", max_batch: int = 8, max_wait_ms: float = 5.0,
+def make_app(policy, *, name: str = "ovla-jax", max_batch: int = 8, max_wait_ms: float = 0.0,
              max_body_bytes: int = 16 << 20, keys: ObservationKeys = ObservationKeys(),
              batcher: Optional[Batcher] = None, unnorm_key: Optional[str] = None) -> Starlette:
     """The server's app around ``policy`` (an OpenVLAPolicy). Warm the batcher up before serving.

@@ -1,4 +1,5 @@
-"""Dynamic batching: requests arriving within ``max_wait_ms`` of the first run as one jitted call.
+"""Dynamic batching: requests that queue while the model runs (and, with ``max_wait_ms`` > 0, those
+arriving within that long of the first) run as one jitted call.
 
 Batch sizes are rounded up to a bucket (1, 2, 4, ... ``max_batch``; padded with copies of the last
 example, whose answers are dropped), and :meth:`Batcher.warm_up` compiles every bucket before the server
@@ -44,7 +45,7 @@ def run_examples(policy, examples: list[Example], bucket_sizes: list[int]) -> li
 
 
 class Batcher:
-    def __init__(self, policy, max_batch: int = 8, max_wait_ms: float = 5.0):
+    def __init__(self, policy, max_batch: int = 8, max_wait_ms: float = 0.0):
         self.policy = policy
         self.sizes = buckets(max_batch)
         self.max_batch = max_batch

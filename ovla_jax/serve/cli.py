@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--quantize", choices=("none", "int8"), default="none")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch one model call takes (buckets 1, 2, 4, ...)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request waits for company")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a request waits for company when the model is idle (0: run at once; requests "
+                        "arriving while the model runs join the next call either way)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body / websocket frame")
     p.add_argument("--obs-keys", default=None, help="openpi observation keys, e.g. "
                    "'image=observation/image,wrist_image=observation/wrist_image,proprio=observation/state,instruction=prompt'")
