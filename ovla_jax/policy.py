@@ -18,12 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from ovla_jax import actions as A
+from ovla_jax import quantize as Q
 from ovla_jax.models.config import OpenVLAConfig, pixel_normalizations
 from ovla_jax.models.openvla import OpenVLA, greedy_decode, parallel_decode
 from ovla_jax.data.batch import prompt_ids
 
 
 DTYPES = ("float32", "bfloat16")
+
+
+def _cast_floats(dtype):
+    def cast(a):
+        a = np.asarray(a)
+        return a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a
+    return cast
 
 
 class OpenVLAPolicy:
@@ -40,14 +48,10 @@ class OpenVLAPolicy:
         # bf16: weights stored in bf16 (half the memory traffic), every product accumulated in fp32.
         self.model = OpenVLA(config, dtype=jnp.dtype(dtype))
         if dtype != "float32":
-            params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)) if np.issubdtype(np.asarray(a).dtype, np.floating)
-                                  else a, params)
-        from ovla_jax import quantize as Q
-
+            params = jax.tree.map(_cast_floats(jnp.dtype(dtype)), params)
         self.quantize = quantize
         # int8: Dense kernels stored as int8 + per-channel scales, dequantized inside the jitted call.
-        params = Q.quantize_params(params, quantize)
-        self.params = jax.device_put(params)
+        self.params = jax.device_put(Q.quantize_params(params, quantize))
         dequantize = partial(Q.dequantize, dtype=jnp.dtype(dtype))
         self._greedy = jax.jit(lambda p, *a: greedy_decode(self.model, dequantize(p), *a, num_tokens=7))
         self._parallel = jax.jit(lambda p, *a: parallel_decode(self.model, dequantize(p), *a))
@@ -183,8 +187,8 @@ class OpenVLAPolicy:
         stats = self.action_stats(unnorm_key)
         if cfg.parallel:
             normalized, _ = self._parallel(self.params, jnp.asarray(pixels), jnp.asarray(ids),
-                                            jnp.asarray(mask), jnp.asarray(self.action_slots(mask)),
-                                            None if state is None else jnp.asarray(state))
+                                           jnp.asarray(mask), jnp.asarray(self.action_slots(mask)),
+                                           None if state is None else jnp.asarray(state))
             actions = A.unnormalize(np.asarray(normalized), stats, self.normalization)  # [B, K, D]
             return actions[0] if single else actions
         tokens = self.predict_action_tokens(pixels, ids, mask)
