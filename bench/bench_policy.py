@@ -128,14 +128,15 @@ def checkpoint_bench(path: str, clients: int, requests_total: int, repeats: int)
     from ovla_jax.policy import OpenVLAPolicy
 
     rng = np.random.default_rng(0)
-    policies = {}
+    policies, latency = {}, {}
     print(f"{path}: latency at batch 1 ({repeats} calls each)")
     for label, kw in (("fp32", {}), ("bf16", dict(dtype="bfloat16")), ("int8", dict(quantize="int8"))):
         policies[label] = policy = OpenVLAPolicy.from_pretrained(path, **kw)
         images, texts, wrist, state = _observation(policy, rng, 1)
-        seconds = _timed(lambda: policy.predict_action(images, texts, wrist_images=wrist, proprio=state), repeats)
-        print(f"  {label}: {seconds * 1e3:8.1f} ms" + (f"  ({seconds / base:.2f}x fp32)" if label != "fp32" else ""))
-        base = seconds if label == "fp32" else base
+        latency[label] = _timed(lambda: policy.predict_action(images, texts, wrist_images=wrist, proprio=state),
+                                repeats)
+        ratio = f"  ({latency[label] / latency['fp32']:.2f}x fp32)" if label != "fp32" else ""
+        print(f"  {label}: {latency[label] * 1e3:8.1f} ms{ratio}")
     policy = policies["fp32"]
     per_call = policy.config.chunk if policy.config.parallel else 1
     print("actions/s by batch size (fp32, one call per batch):")

@@ -24,10 +24,6 @@ class Int8Weight:
     values: jax.Array  # int8[in, out]
     scale: jax.Array  # float32[out]
 
-    @property
-    def shape(self):
-        return self.values.shape
-
 
 def _is_dense_kernel(path, leaf) -> bool:
     last = path[-1]

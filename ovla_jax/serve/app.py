@@ -16,7 +16,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ovla_jax.serve import wire
 from ovla_jax.serve.batcher import Batcher
-from ovla_jax.serve.requests import BadRequest, validate
+from ovla_jax.serve.requests import BadRequest, validate, warmup_example
 
 log = logging.getLogger("ovla_jax.serve")
 
@@ -132,3 +132,11 @@ def make_app(policy, *, name: str = "ovla-jax", max_batch: int = 8, max_wait_ms:
                             Route("/metadata", metadata), WebSocketRoute("/", openpi)], lifespan=lifespan)
     app.state.batcher = batcher
     return app
+
+
+def serving_app(policy, *, max_batch: int = 8, max_wait_ms: float = 0.0, unnorm_key: Optional[str] = None,
+                progress=print, **app_kw) -> Starlette:
+    """``make_app`` with every batch bucket compiled first: what ``ovla-jax serve`` listens with."""
+    batcher = Batcher(policy, max_batch, max_wait_ms)
+    batcher.warm_up(warmup_example(policy, unnorm_key or next(iter(policy.norm_stats))), progress=progress)
+    return make_app(policy, batcher=batcher, max_batch=max_batch, unnorm_key=unnorm_key, **app_kw)

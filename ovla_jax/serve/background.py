@@ -6,9 +6,7 @@ import socket
 import threading
 import time
 
-from ovla_jax.serve.app import make_app
-from ovla_jax.serve.batcher import Batcher
-from ovla_jax.serve.cli import warmup_example
+from ovla_jax.serve.app import serving_app
 
 
 class BackgroundServer:
@@ -18,9 +16,8 @@ class BackgroundServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        batcher = Batcher(policy, max_batch, max_wait_ms)
-        batcher.warm_up(warmup_example(policy, unnorm_key or next(iter(policy.norm_stats))), progress=None)
-        self.app = make_app(policy, batcher=batcher, max_batch=max_batch, unnorm_key=unnorm_key, **app_kw)
+        self.app = serving_app(policy, max_batch=max_batch, max_wait_ms=max_wait_ms, unnorm_key=unnorm_key,
+                               progress=None, **app_kw)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
                                                     ws_max_size=app_kw.get("max_body_bytes", 16 << 20)))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -27,34 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None)
 
 
-def warmup_example(policy, unnorm_key):
-    import numpy as np
-
-    from ovla_jax.serve.requests import validate
-
-    cfg = policy.config
-    image = np.zeros((policy.image_size, policy.image_size, 3), np.uint8)
-    return validate(policy, image=image, instruction="warm up", unnorm_key=unnorm_key,
-                    wrist_image=image if cfg.num_images > 1 else None,
-                    proprio=np.zeros(cfg.proprio_dim, np.float32) if cfg.proprio_dim else None)
-
-
 def build(args, progress=print):
     """-> (app, policy): the policy loaded, every bucket compiled."""
     from ovla_jax.policy import OpenVLAPolicy
-    from ovla_jax.serve.app import ObservationKeys, make_app
-    from ovla_jax.serve.batcher import Batcher
+    from ovla_jax.serve.app import ObservationKeys, serving_app
 
     keys = ObservationKeys.parse(args.obs_keys)
     t = time.perf_counter()
     policy = OpenVLAPolicy.from_pretrained(args.checkpoint, args.tokenizer, max_length=args.max_length, dtype=args.dtype,
                                            quantize=args.quantize)
     progress(f"loaded {args.checkpoint} ({args.dtype}, quantize {args.quantize}) in {time.perf_counter() - t:.1f}s")
-    batcher = Batcher(policy, args.max_batch, args.max_wait_ms)
-    batcher.warm_up(warmup_example(policy, args.unnorm_key), progress=progress)
-    app = make_app(policy, name=os.path.basename(os.path.normpath(args.checkpoint)), max_batch=args.max_batch,
-                   max_wait_ms=args.max_wait_ms, max_body_bytes=int(args.max_body_mb * (1 << 20)), keys=keys,
-                   batcher=batcher, unnorm_key=args.unnorm_key)
+    app = serving_app(policy, name=os.path.basename(os.path.normpath(args.checkpoint)), max_batch=args.max_batch,
+                      max_wait_ms=args.max_wait_ms, max_body_bytes=int(args.max_body_mb * (1 << 20)), keys=keys,
+                      unnorm_key=args.unnorm_key, progress=progress)
     return app, policy
 
 

@@ -80,3 +80,12 @@ def validate(policy, *, image: Any, instruction: Any, unnorm_key: Any = None, wr
     except ValueError as e:
         raise BadRequest(f"instruction: {e}") from None
     return Example(image, instruction, unnorm_key, wrist_image, proprio)
+
+
+def warmup_example(policy, unnorm_key=None) -> Example:
+    """A valid request of blank images for compiling the batch buckets before serving."""
+    cfg = policy.config
+    image = np.zeros((policy.image_size, policy.image_size, 3), np.uint8)
+    return validate(policy, image=image, instruction="warm up", unnorm_key=unnorm_key,
+                    wrist_image=image if cfg.num_images > 1 else None,
+                    proprio=np.zeros(cfg.proprio_dim, np.float32) if cfg.proprio_dim else None)

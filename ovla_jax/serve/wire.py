@@ -3,7 +3,6 @@ arrays (openpi's websocket protocol: arrays as {__ndarray__, data, dtype, shape}
 from its public description). Decoding never unpickles; a malformed body is a BadRequest."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -82,6 +81,3 @@ def metadata(policy, name: str) -> dict:
             "unnorm_keys": sorted(policy.norm_stats), "dtype": policy.dtype,
             "quantize": policy.quantize}
 
-
-def json_metadata(policy, name: str) -> str:
-    return json.dumps(metadata(policy, name))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Any, Callable, Optional
 
@@ -25,7 +24,7 @@ from ovla_jax.checkpoints.hf_config import config_to_hf
 from ovla_jax.checkpoints.train_dir import read_meta, resolve
 from ovla_jax.data.batch import BatchTransform, batch_spec, to_global_arrays
 from ovla_jax.data.errors import DataError
-from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches, usable_datasets
+from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches
 from ovla_jax.models.config import OFT_FIELDS, OpenVLAConfig, from_config_dict, pixel_normalizations
 from ovla_jax.models.lora import lora_from_config
 from ovla_jax.models.openvla import OpenVLA
