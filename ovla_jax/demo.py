@@ -2,11 +2,13 @@
 
 1. Writes expert demonstrations of the built-in tabletop tasks as an RLDS dataset (``ovla_tabletop``:
    third-person and wrist images, gripper state).
-2. Trains two tiny policies (tiny DINOv2 + SigLIP towers, tiny Llama, the built-in word tokenizer)
-   through the real data pipeline and ``ovla-jax train`` loop (checkpoints, TensorBoard, resume): the
-   OpenVLA-OFT policy (parallel decoding, a chunk of 8 actions from the L1 head, both cameras and the
-   proprio token) and, for comparison, the autoregressive OpenVLA (7 greedy tokens, third-person image).
-3. Rolls both out in closed loop next to a random-action baseline and the expert, and writes
+2. Trains two tiny policies from scratch (tiny DINOv2 + SigLIP towers, tiny Llama, the built-in word
+   tokenizer) through the real data pipeline and ``ovla-jax train`` loop (checkpoints, TensorBoard,
+   resume): the OpenVLA-OFT(+) policy (parallel decoding, a chunk of 8 actions from the L1 head, both
+   cameras, the proprio token and FiLM) and, for comparison, a short run of the autoregressive OpenVLA
+   (7 greedy tokens, third-person image).
+3. Rolls both out in closed loop (the OFT policy re-plans every 2 steps of its chunks) next to a
+   random-action baseline and the expert, and writes
    ``summary.json``, ``loss_curve.png`` and ``filmstrip.png`` into the workdir.
 
 Re-running with the same workdir reuses the dataset and resumes / reuses the training run
@@ -21,10 +23,11 @@ import shutil
 import sys
 import time
 
-DEFAULTS = dict(episodes=800, steps=2000, ar_steps=3000, batch_size=32, eval_episodes=50)
-QUICK = dict(episodes=24, steps=6, ar_steps=6, batch_size=8, eval_episodes=3)
-OFT = dict(action_head="l1", chunk=8, num_images=2, proprio_dim=3, film=False)  # the demo's OFT policy
-POLICIES = ("openvla", "oft")  # trained in this order: OFT fine-tunes the autoregressive OpenVLA
+DEFAULTS = dict(episodes=800, steps=1200, ar_steps=400, batch_size=128, ar_batch_size=32, eval_episodes=50,
+                execute=2)
+QUICK = dict(episodes=24, steps=6, ar_steps=6, batch_size=8, ar_batch_size=8, eval_episodes=3, execute=2)
+OFT = dict(action_head="l1", chunk=8, num_images=2, proprio_dim=3, film=True)  # the demo's OFT(+) policy
+POLICIES = ("oft", "openvla")  # both trained from scratch, the OFT policy (the demo's result) first
 
 
 def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, policy: str = "oft",
@@ -64,8 +67,10 @@ def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, 
     c.remat = "none"
     c.mode = "full"
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0))
-    lr = 5e-4 if policy == "oft" else 1e-3  # OFT's lr; the L1 head stalls at the median with larger steps
-    c.optimizer = ml_collections.ConfigDict(dict(lr=lr, schedule="warmup_cosine", warmup_steps=min(100, steps),
+    # OFT: lr 1e-3 with batch 128 and 200 warmup steps; with batch 32 the L1 head collapsed to the median
+    # action (no motion) at lr >= 1e-3.
+    warmup = min(200 if policy == "oft" else 100, steps)
+    c.optimizer = ml_collections.ConfigDict(dict(lr=1e-3, schedule="warmup_cosine", warmup_steps=warmup,
                                                  weight_decay=0.01, clip_norm=1.0, accumulate_steps=1))
     c.log_every = max(1, min(50, steps))
     c.eval_every = max(1, steps // 4)
@@ -84,8 +89,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help=f"training steps of the OFT policy (default {DEFAULTS['steps']})")
     p.add_argument("--ar-steps", type=int, help=f"training steps of the autoregressive OpenVLA (default "
                    f"{DEFAULTS['ar_steps']}; 0 leaves its row out)")
-    p.add_argument("--execute", type=int, help="steps of each OFT chunk to run before re-planning (default: all 8)")
-    p.add_argument("--batch-size", type=int, help=f"global batch (default {DEFAULTS['batch_size']})")
+    p.add_argument("--execute", type=int, help=f"steps of each OFT chunk to run before re-planning (default "
+                   f"{DEFAULTS['execute']}; 8 runs whole chunks open loop)")
+    p.add_argument("--batch-size", type=int, help=f"global batch of the OFT policy (default {DEFAULTS['batch_size']})")
+    p.add_argument("--ar-batch-size", type=int, help=f"global batch of the autoregressive OpenVLA (default "
+                   f"{DEFAULTS['ar_batch_size']})")
     p.add_argument("--eval-episodes", type=int, help=f"closed-loop episodes per task (default {DEFAULTS['eval_episodes']})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete the previous training run in the workdir first")
@@ -128,29 +136,25 @@ def run(args: argparse.Namespace) -> int:
     if "oft" not in trained:
         print("demo: --steps must be > 0 (the OFT policy is the demo's main result)", file=sys.stderr)
         return 2
-    results_train, init = {}, ""
+    batch_sizes = {"oft": s["batch_size"], "openvla": s["ar_batch_size"]}
+    results_train = {}
     for policy_name in trained:
         run_dir = run_dirs[policy_name]
         if args.fresh and os.path.isdir(run_dir):
             shutil.rmtree(run_dir)
-        label = "OpenVLA-OFT (L1 head, chunk 8, wrist + proprio)" if policy_name == "oft" else \
+        label = "OpenVLA-OFT+ (L1 head, chunk 8, wrist + proprio, FiLM)" if policy_name == "oft" else \
             "autoregressive OpenVLA (7 tokens)"
-        say(f"[2/3] training the {label} for {steps[policy_name]} steps (batch {s['batch_size']}): {run_dir}")
+        say(f"[2/3] training the {label} for {steps[policy_name]} steps (batch {batch_sizes[policy_name]}): "
+            f"{run_dir}")
         t = time.time()
-        config = demo_config(data_dir, steps[policy_name], s["batch_size"], args.seed, policy_name,
-                             init if policy_name == "oft" else "")
+        config = demo_config(data_dir, steps[policy_name], batch_sizes[policy_name], args.seed, policy_name)
         result = train(config, run_dir, progress=progress)
         if result.status != "done":
             print(f"demo: training the {policy_name} policy stopped: {result.message}", file=sys.stderr)
             return 1
-        if policy_name == "openvla":  # OFT starts from it, as OpenVLA-OFT fine-tunes OpenVLA
-            from ovla_jax.convert import convert
-
-            init = os.path.join(workdir, "openvla_export")
-            convert(run_dir, init, "train", "jax", progress=False, overwrite=True)
         last = [h for h in _history(run_dir) if "train/loss" in h]
         results_train[policy_name] = {
-            "steps": result.step, "batch_size": s["batch_size"], "seconds": round(time.time() - t, 1),
+            "steps": result.step, "batch_size": batch_sizes[policy_name], "seconds": round(time.time() - t, 1),
             "final_loss": last[-1]["train/loss"] if last else None,
             "final_l1": last[-1].get("train/l1") if last else None}
 
@@ -162,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     episodes, policies = {}, {}
     for policy_name in trained:  # the final checkpoints, loaded as a user would
         policies[policy_name] = OpenVLAPolicy.from_pretrained(run_dirs[policy_name])
-        execute = args.execute if policy_name == "oft" else None
+        execute = s["execute"] if policy_name == "oft" else None
         episodes[policy_name] = E.rollout(E.vla_policy(policies[policy_name]), s["eval_episodes"], seed=args.seed,
                                           record=2 if policy_name == "oft" else 0, progress=progress, execute=execute)
     episodes["random"] = E.rollout(E.random_policy(args.seed), s["eval_episodes"], seed=args.seed)
@@ -188,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                             "episodes": r["all"]["episodes"]} for name, r in results.items()},
         "success": results,
         "train": results_train,
-        "oft": dict(OFT, execute=args.execute or OFT["chunk"]),
+        "oft": dict(OFT, execute=s["execute"]),
         "dataset": {"name": dataset.DATASET_NAME, "dir": dataset.dataset_dir(data_dir),
                     "num_transitions": norm_stats[dataset.DATASET_NAME].get("num_transitions")},
         "eval_seconds": round(eval_time, 1),

@@ -190,7 +190,8 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     convert(str(workdir / "run_oft"), str(tmp_path / "oft_hf"), "train", "hf", progress=False)
     assert sorted(f for f in os.listdir(tmp_path / "oft_hf") if "--" in f) == [
         "action_head--latest_checkpoint.pt", "action_head--latest_checkpoint.safetensors",
-        "proprio_projector--latest_checkpoint.pt", "proprio_projector--latest_checkpoint.safetensors"]
+        "proprio_projector--latest_checkpoint.pt", "proprio_projector--latest_checkpoint.safetensors",
+        "vision_backbone--latest_checkpoint.pt", "vision_backbone--latest_checkpoint.safetensors"]  # FiLM (OFT+)
     oft_hf = OpenVLAPolicy.from_pretrained(str(tmp_path / "oft_hf"), tokenizer="words", max_length=80)
     np.testing.assert_allclose(oft_hf.predict_action(images, [e.instruction for e in envs], wrist_images=wrist,
                                                      proprio=states), chunks, atol=1e-5)

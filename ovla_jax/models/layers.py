@@ -35,11 +35,6 @@ def matmul(x, w):
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def conv_fp32_accumulate(*args, **kwargs):
-    """``lax.conv_general_dilated`` with an fp32 accumulator (for ``nn.Conv(conv_general_dilated=...)``)."""
-    return jax.lax.conv_general_dilated(*args, preferred_element_type=jnp.float32, **kwargs)
-
-
 class Dense(nn.Module):
     """``nn.Dense`` (kernel [in, out], bias [out], same names and numerics) with logical axis names on
     its params and an optional LoRA adapter (``lora_a`` [in, r], ``lora_b`` [r, out]).
