@@ -148,9 +148,9 @@ class AttentionPoolHead(nn.Module):
 class PatchEmbed(nn.Module):
     """Non-overlapping patch conv (kernel HWIO; the PyTorch OIHW layout is converted by the name map).
 
-    Computed as what it is, one matmul of the flattened patches with the flattened kernel (fp32
-    accumulation): XLA's CPU convolution took ~8x as long in training, its filter gradient above all.
-    Like a VALID conv, rows and columns past the last whole patch are ignored."""
+    Computed as one matmul of the flattened patches with the flattened kernel (fp32 accumulation): the
+    demo's training steps ran ~8% faster on CPU than with XLA's convolution. Like a VALID conv, rows and
+    columns past the last whole patch are ignored."""
 
     width: int
     patch_size: int
