@@ -196,8 +196,9 @@ def _low_precision_products(jaxpr, found):
 
 
 def test_bf16_mode_multiplies_bf16_operands_into_fp32_accumulators(setup):
-    # Every matmul (the patch embedding's included) and attention einsum: bf16 in, fp32 out (the accumulator), as TPUs / GPUs do and
-    # what makes bf16 pay on CPUs; an fp32 result of bf16 operands means preferred_element_type was set.
+    # Every matmul (the patch embedding's included) and attention einsum: bf16 in, fp32 out (the
+    # accumulator), as TPUs / GPUs do and what makes bf16 pay on CPUs; an fp32 result of bf16 operands
+    # means preferred_element_type was set.
     config, model, params = setup
     pixels, ids = random_pixels(config, 1), jnp.ones((1, 4), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda p: OpenVLA(config, dtype=jnp.bfloat16).apply({"params": p}, pixels, ids))(params)
