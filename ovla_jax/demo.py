@@ -49,6 +49,10 @@ def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, 
         vision_overrides=dict(layerscale_init=0.1), pad_token_id=320, pad_to_multiple_of=64, n_action_bins=256,
         **(OFT if policy == "oft" else {})))
     c.init_checkpoint = init_checkpoint
+    # LeCun-scaled kernels and unit embeddings (ovla_jax/models/param_init.py) in place of the official
+    # normal(0.02), which at these widths starts every layer 6-8x too small: 36% success after 1200 OFT
+    # steps against 15% (50 episodes per task; embeddings alone rescaled: 1%).
+    c.param_init = "fan_in"  # only fresh params: a loaded init_checkpoint keeps its weights
     c.tokenizer = "words"  # one token per word: the tiny LLM sees "red" as one symbol
     # Chunk steps past an episode's end take no loss here (upstream OFT trains on them, repeating the last
     # action): in these short episodes the repeated still actions made the tiny policy stall (no motion at

@@ -220,3 +220,40 @@ def test_frozen_params_cost_no_weight_gradients_and_change_nothing_else():
         runs[name] = (flops, jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, after, before))
     assert runs["masked"][0] < 0.8 * runs["all"][0], (runs["masked"][0], runs["all"][0])
     assert max_scaled_diff(runs["masked"][1], runs["all"][1]) <= 1e-4
+
+
+def test_fan_in_init_rescales_fresh_kernels_and_embeddings_and_leaves_loaded_params_alone():
+    from ovla_jax.models.lora import LoRA
+    from ovla_jax.models.param_init import rescale_init
+
+    config = tiny_config()
+    mesh = sharding.make_mesh({"fsdp": -1})
+    model = OpenVLA(config, lora=LoRA(rank=4, alpha=8.0))
+    batch = make_batch(config)
+    abstract = meta.unbox(jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), batch["pixel_values"][:1], batch["input_ids"][:1]))["params"])
+    tx = O.make_optimizer(abstract, lr_schedule=O.schedule("constant", 1e-3))
+
+    def init(scheme, params=None):
+        state = Trainer(model, tx, mesh, init_scheme=scheme).init(jax.random.PRNGKey(3), batch, params)
+        return jax.device_get(state.params)
+
+    hf = init("hf")
+    flat_hf, flat_fan = traverse_util.flatten_dict(hf), traverse_util.flatten_dict(init("fan_in"))
+    scaled = 0
+    for path, value in flat_hf.items():
+        if path[-1] == "kernel" and "patch_embed" not in path:
+            factor, scaled = value.shape[-2] ** -0.5 / 0.02, scaled + 1
+        elif path[-1] == "embedding":
+            factor = 1 / 0.02
+        else:  # biases, norms, LoRA factors, positions, the patch embedding (LeCun already): untouched
+            factor = 1.0
+        np.testing.assert_allclose(flat_fan[path], value * factor, rtol=1e-6, err_msg=str(path))
+    assert scaled > 20
+    head = flat_fan[("language_model", "lm_head", "kernel")]  # [64, vocab]: std 1/8 from normal(0.02) draws
+    assert abs(head.std() * head.shape[0] ** 0.5 - 1) < 0.05
+    # Params handed in (a converted checkpoint) replace the fresh init as they are.
+    loaded = init("fan_in", params=hf)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(hf)))
+    with pytest.raises(ValueError, match="unknown init scheme 'xavier'"):
+        rescale_init(hf, "xavier")

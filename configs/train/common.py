@@ -14,6 +14,7 @@ def base_config(model: str = "7b") -> ml_collections.ConfigDict:
     c.model = model_configs.get_config(model).unlock()
     c.init_checkpoint = ""  # converted checkpoint dir (HF or ovla-jax); its config.json replaces `model`
     c.tokenizer = "char"  # "char" (built-in tiny) or a local HF tokenizer dir (e.g. the openvla-7b download)
+    c.param_init = "hf"  # hf: normal(0.02) as the official configs | fan_in: for small models trained from scratch
     c.max_length = 96  # tokens per example (prompt + 7 action tokens + EOS), right-padded
 
     c.data = ml_collections.ConfigDict(dict(

@@ -28,6 +28,7 @@ from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches
 from ovla_jax.models.config import OFT_FIELDS, OpenVLAConfig, from_config_dict, pixel_normalizations
 from ovla_jax.models.lora import lora_from_config
 from ovla_jax.models.openvla import OpenVLA
+from ovla_jax.models.param_init import SCHEMES as PARAM_INIT_SCHEMES
 from ovla_jax.tokenizer import make_tokenizer
 from ovla_jax.train import optimizer as O
 from ovla_jax.train.checkpoint import Checkpointer
@@ -162,7 +163,11 @@ def build(config, model_cfg: OpenVLAConfig, num_datasets: int, devices=None) -> 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     all_train = all(jax.tree.leaves(mask))
-    trainer = Trainer(model, tx, mesh, num_datasets=num_datasets, trainable=None if all_train else mask)
+    init_scheme = config.get("param_init", "hf")
+    if init_scheme not in PARAM_INIT_SCHEMES:
+        raise ConfigError(f"param_init {init_scheme!r}: choose from {PARAM_INIT_SCHEMES}")
+    trainer = Trainer(model, tx, mesh, num_datasets=num_datasets, trainable=None if all_train else mask,
+                      init_scheme=init_scheme)
     return TrainSetup(model_cfg, model, lora, tx, lr, mesh, trainer, example)
 
 

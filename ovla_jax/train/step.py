@@ -20,6 +20,7 @@ import optax
 from ovla_jax import actions as A
 from ovla_jax.data.batch import IGNORE
 from ovla_jax.models.openvla import OpenVLA
+from ovla_jax.models.param_init import rescale_init
 
 
 @flax.struct.dataclass
@@ -186,6 +187,7 @@ class Trainer:
     num_labels: int = 8  # 7 action tokens + EOS
     num_datasets: int = 1
     trainable: Any = None  # tree of bools like the params (optimizer.trainable_mask); None = all train
+    init_scheme: str = "hf"  # how fresh params are scaled (ovla_jax.models.param_init); loaded ones keep theirs
 
     def state_shardings(self, abstract_state: TrainState, boxed_params):
         from ovla_jax import sharding
@@ -221,7 +223,7 @@ class Trainer:
 
     def _make_state(self, rng, example_batch, params):
         init_rng, state_rng = jax.random.split(rng)
-        fresh = flax.linen.meta.unbox(self._boxed_init(init_rng, example_batch))
+        fresh = rescale_init(flax.linen.meta.unbox(self._boxed_init(init_rng, example_batch)), self.init_scheme)
         # Loaded weights replace their fresh counterparts (XLA drops the unused random init); params
         # the checkpoint lacks (LoRA adapters) keep their init.
         params = fresh if params is None else _overlay(fresh, params)
