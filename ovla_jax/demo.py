@@ -51,7 +51,7 @@ def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, 
     c.init_checkpoint = init_checkpoint
     # LeCun-scaled kernels and unit embeddings (ovla_jax/models/param_init.py) in place of the official
     # normal(0.02), which at these widths starts every layer 6-8x too small: 36% success after 1200 OFT
-    # steps against 15% (50 episodes per task; embeddings alone rescaled: 1%).
+    # steps at lr 1e-3 against 15% (single runs, 50 episodes per task; embeddings alone rescaled: 1%).
     c.param_init = "fan_in"  # only fresh params: a loaded init_checkpoint keeps its weights
     c.tokenizer = "words"  # one token per word: the tiny LLM sees "red" as one symbol
     # Chunk steps past an episode's end take no loss here (upstream OFT trains on them, repeating the last
@@ -74,7 +74,7 @@ def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, 
     c.mode = "full"
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0))
     # OFT: lr 2e-3 with batch 128 and 200 warmup steps: 62% after 1200 steps with the fan-in init, against
-    # 36% at 1e-3. At 4e-3, place got 82% but pick 0% (the policy reached the named block and never closed).
+    # 36% at 1e-3 (single runs; another run of this recipe got 15%: whether pick learns to close varies). At 4e-3, place got 82% but pick 0% (the policy reached the named block and never closed).
     # Before param_init, batch 32 at lr >= 1e-3 collapsed the L1 head to the median action (no motion).
     warmup = min(200 if policy == "oft" else 100, steps)
     lr = 2e-3 if policy == "oft" else 1e-3
