@@ -74,7 +74,8 @@ def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, 
     c.mode = "full"
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0))
     # OFT: lr 2e-3 with batch 128 and 200 warmup steps: 62% after 1200 steps with the fan-in init, against
-    # 36% at 1e-3 (single runs; another run of this recipe got 15%: whether pick learns to close varies). At 4e-3, place got 82% but pick 0% (the policy reached the named block and never closed).
+    # 36% at 1e-3 (single runs; another run of this recipe got 15%: whether pick learns to close varies).
+    # At 4e-3, place got 82% but pick 0% (the policy reached the named block and never closed).
     # Before param_init, batch 32 at lr >= 1e-3 collapsed the L1 head to the median action (no motion).
     warmup = min(200 if policy == "oft" else 100, steps)
     lr = 2e-3 if policy == "oft" else 1e-3
