@@ -58,7 +58,8 @@ def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, 
     # action): in these short episodes the repeated still actions made the tiny policy stall (no motion at
     # all, 0-1% success, against 7.5% masked, with the same 128-wide FiLM recipe at 800 steps; 0% against
     # 15% with the 1200-step recipe before param_init). Keeping only the gripper's labels there (a closed
-    # gripper stays closed) stalled the same way with param_init: val L1 of x and y flat from step 300 on.
+    # gripper stays closed) stalled in 2 of 2 runs with param_init (x / y val L1 flat from step 300 on),
+    # but so did 1 of 4 plain runs at lr 2e-3, so that is not shown to be the cause.
     c.mask_past_end = True
     c.max_length = 80 if policy == "oft" else 32  # OFT: + 8 x 7 action slots + the stop token
     c.data = ml_collections.ConfigDict(dict(
@@ -74,7 +75,8 @@ def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, 
     c.mode = "full"
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0))
     # OFT: lr 2e-3 with batch 128 and 200 warmup steps: 62% after 1200 steps with the fan-in init, against
-    # 36% at 1e-3 (single runs; another run of this recipe got 15%: whether pick learns to close varies).
+    # 36% at 1e-3 (single runs). Other runs of this recipe got 15%, 36% and 0%: whether pick learns to
+    # close, and whether any motion is learned at all, varies from run to run.
     # At 4e-3, place got 82% but pick 0% (the policy reached the named block and never closed).
     # Before param_init, batch 32 at lr >= 1e-3 collapsed the L1 head to the median action (no motion).
     warmup = min(200 if policy == "oft" else 100, steps)
