@@ -240,16 +240,16 @@ def test_fan_in_init_rescales_fresh_kernels_and_embeddings_and_leaves_loaded_par
 
     hf = init("hf")
     flat_hf, flat_fan = traverse_util.flatten_dict(hf), traverse_util.flatten_dict(init("fan_in"))
-    scaled = 0
+    scaled = embeddings = 0
     for path, value in flat_hf.items():
         if path[-1] == "kernel" and "patch_embed" not in path:
             factor, scaled = value.shape[-2] ** -0.5 / 0.02, scaled + 1
-        elif path[-1] == "embedding":
-            factor = 1 / 0.02
-        else:  # biases, norms, LoRA factors, positions, the patch embedding (LeCun already): untouched
+        elif path[-1] in ("embedding", "pos_embed"):
+            factor, embeddings = 1 / 0.02, embeddings + 1
+        else:  # biases, norms, LoRA factors, prefix tokens, the patch embedding (LeCun already): untouched
             factor = 1.0
         np.testing.assert_allclose(flat_fan[path], value * factor, rtol=1e-6, err_msg=str(path))
-    assert scaled > 20
+    assert scaled > 20 and embeddings == 3  # tokens + the two towers' positions
     head = flat_fan[("language_model", "lm_head", "kernel")]  # [64, vocab]: std 1/8 from normal(0.02) draws
     assert abs(head.std() * head.shape[0] ** 0.5 - 1) < 0.05
     # Params handed in (a converted checkpoint) replace the fresh init as they are.

@@ -5,12 +5,17 @@ every dense kernel and the token embeddings ~ normal(0.02). That suits 4096-wide
 1.3 / sqrt(width)) and never matters for the 7B, which starts from trained weights. In the demo's
 32-64-wide models it starts every layer ~6-8x smaller than its fan-in scale and the token embeddings
 ~50x smaller than the patch features, so the colour word reaches FiLM and the LLM as a tiny signal.
-There, in single runs of the demo's OFT policy (1200 steps, lr 1e-3), ``fan_in`` below gave 36% success
-against 15%; with it the policy also trains at twice the learning rate (see the README).
+The ViTs' learned position embeddings (normal(0.02), as timm's DINOv2) sit ~50x below the unit-scale
+patch features too, and they are the only place a patch's token says *where* it is (RoPE reaches the
+LLM's queries and keys, not the values it reads out), so the policy cannot say which way to move until
+training has grown them: the demo's OFT policy sat at the median x / y action for ~300 of its 1200 steps.
+In single runs of that policy (1200 steps, see the README), ``fan_in`` gave 36% success against 15% at
+lr 1e-3 and 62% at lr 2e-3 without rescaling the position embeddings; rescaling them too ended the
+plateau by step 200.
 
 Schemes rescale a fresh init; they do not draw new numbers. A normal(0.02) sample times c is a
-normal(0.02 c) sample, so ``fan_in`` gives dense kernels ~ normal(1 / sqrt(fan_in)) (LeCun normal)
-and embeddings ~ normal(1), with the same random stream as ``hf``.
+normal(0.02 c) sample, so ``fan_in`` gives dense kernels ~ normal(1 / sqrt(fan_in)) (LeCun normal),
+token and position embeddings ~ normal(1), with the same random stream as ``hf``.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import flax
 
 HF_STD = 0.02  # what the modules draw (ovla_jax.models.layers.DEFAULT_KERNEL_INIT, the LLM's embeddings)
 SCHEMES = ("hf", "fan_in")
+EMBEDDINGS = ("embedding", "pos_embed")  # the LLM's token table (nn.Embed) and each ViT's positions
 
 
 def _is_dense_kernel(path: tuple) -> bool:
@@ -37,7 +43,7 @@ def rescale_init(params, scheme: str = "hf"):
     for path, value in flat.items():
         if _is_dense_kernel(path) and value.ndim >= 2:
             value = value * (value.shape[-2] ** -0.5 / HF_STD)
-        elif path[-1] == "embedding":
+        elif path[-1] in EMBEDDINGS:
             value = value * (1.0 / HF_STD)
         out[path] = value
     return flax.traverse_util.unflatten_dict(out)
