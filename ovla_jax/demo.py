@@ -107,6 +107,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noprogress", action="store_true", help="no progress bars")
 
 
+def _code_provenance() -> dict:
+    """Which ovla-jax produced the numbers: version, package path and, in a git checkout, its commit (a
+    venv whose editable install points at another checkout trains that checkout's recipe)."""
+    import subprocess
+
+    import ovla_jax
+
+    package = os.path.dirname(os.path.abspath(ovla_jax.__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"version": ovla_jax.__version__, "package": package, "git_commit": commit}
+
+
 def _settings(args) -> dict:
     base = QUICK if args.quick else DEFAULTS
     return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
@@ -203,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": {"name": dataset.DATASET_NAME, "dir": dataset.dataset_dir(data_dir),
                     "num_transitions": norm_stats[dataset.DATASET_NAME].get("num_transitions")},
         "eval_seconds": round(eval_time, 1),
+        "code": _code_provenance(),
         "files": {"loss_curve": loss_png, "filmstrip": strip_png,
                   "checkpoints": {n: os.path.join(run_dirs[n], "checkpoints") for n in trained}},
     }

@@ -23,6 +23,15 @@ from ovla_jax.models.config import tiny_openvla_config as tiny_config  # noqa: E
 
 
 def pytest_configure(config):
+    # A venv whose editable install points at another checkout imports that code, and its tests then
+    # pass or fail for the wrong tree: refuse to run.
+    import ovla_jax
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(ovla_jax.__file__)))
+    if os.path.realpath(package) != os.path.realpath(here):
+        raise pytest.UsageError(f"these tests are in {here} but `import ovla_jax` loads {ovla_jax.__file__}: "
+                                f"reinstall this checkout (pip install -e {here})")
     config.addinivalue_line("markers", "slow: takes more than a few seconds; run with -m slow")
     config.addinivalue_line("markers", "torch: needs the [torch] extra (PyTorch, timm, transformers)")
 

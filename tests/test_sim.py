@@ -138,6 +138,9 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert summary["success_rate"] == summary["success"]["oft"]["all"]["success_rate"]
     assert summary["success"]["expert"]["all"]["success_rate"] >= 0.95
     assert summary["train"]["oft"]["steps"] == 6 and summary["train"]["openvla"]["steps"] == 6
+    import ovla_jax
+
+    assert summary["code"]["package"] == os.path.dirname(os.path.abspath(ovla_jax.__file__))
     import matplotlib.image as mpimg
 
     for name in ("loss_curve.png", "filmstrip.png"):
