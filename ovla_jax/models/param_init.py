@@ -12,6 +12,10 @@ training has grown them: the demo's OFT policy sat at the median x / y action fo
 In single runs of that policy (1200 steps, see the README), ``fan_in`` without the positions gave 36%
 success against 15% at lr 1e-3 and 62% at lr 2e-3; with them rescaled too, the plateau ended by step
 200 and the policy got 98%.
+
+Schemes rescale a fresh init; they do not draw new numbers. A normal(0.02) sample times c is a
+normal(0.02 c) sample, so ``fan_in`` gives dense kernels ~ normal(1 / sqrt(fan_in)) (LeCun normal),
+token and position embeddings ~ normal(1), with the same random stream as ``hf``.
 """
 from __future__ import annotations
 
