@@ -115,11 +115,14 @@ def _code_provenance() -> dict:
     import ovla_jax
 
     package = os.path.dirname(os.path.abspath(ovla_jax.__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+    commit = None
+    try:  # only the checkout the package is the top of (an installed copy may sit inside another repo)
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True,
+                             text=True, timeout=10).stdout.split()
+        if len(out) == 2 and os.path.realpath(out[0]) == os.path.realpath(os.path.dirname(package)):
+            commit = out[1]
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        pass
     return {"version": ovla_jax.__version__, "package": package, "git_commit": commit}
 
 
