@@ -21,6 +21,7 @@ from ovla_jax import actions as A
 from ovla_jax import quantize as Q
 from ovla_jax.models.config import OpenVLAConfig, pixel_normalizations
 from ovla_jax.models.openvla import OpenVLA, greedy_decode, parallel_decode
+from ovla_jax.data import frames as F
 from ovla_jax.data.batch import prompt_ids
 
 
@@ -32,6 +33,18 @@ def _cast_floats(dtype):
         a = np.asarray(a)
         return a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a
     return cast
+
+
+def _lookup_pixels(table, cameras):
+    """uint8[..., 3 * cameras] -> float32[..., 3 * towers * cameras]: :func:`frames.pixel_table` looked up
+    per channel; camera by camera, towers in order within each, as the data pipeline concatenates them."""
+    table, towers = jnp.asarray(table), table.shape[1] // 3
+    out = []
+    for first in range(0, cameras.shape[-1], 3):
+        levels = cameras[..., first:first + 3].astype(jnp.int32)
+        per_channel = jnp.stack([table[:, c::3][levels[..., c]] for c in range(3)], axis=-1)  # [..., T, 3]
+        out.append(per_channel.reshape(per_channel.shape[:-2] + (3 * towers,)))
+    return jnp.concatenate(out, axis=-1)
 
 
 class OpenVLAPolicy:
@@ -53,11 +66,18 @@ class OpenVLAPolicy:
         # int8 / int4: Dense kernels stored quantized with their scales, dequantized inside the jitted call.
         self.params = jax.device_put(Q.quantize_params(params, quantize))
         dequantize = partial(Q.dequantize, dtype=jnp.dtype(dtype))
-        self._greedy = jax.jit(lambda p, *a: greedy_decode(self.model, dequantize(p), *a, num_tokens=7))
-        self._parallel = jax.jit(lambda p, *a: parallel_decode(self.model, dequantize(p), *a))
         self.norm_stats = norm_stats
         self.towers = pixel_normalizations(config)
         self.image_size = config.vision[0].image_size
+        # predict_action sends resized uint8 images; the pixel values are looked up inside the call
+        # (a quarter of the bytes, and no per-call host arithmetic, which dominated small models).
+        table = jnp.asarray(F.pixel_table(self.towers))
+        pixels = partial(_lookup_pixels, table)
+        self._greedy = jax.jit(lambda p, *a: greedy_decode(self.model, dequantize(p), *a, num_tokens=7))
+        self._greedy_images = jax.jit(lambda p, images, *a: greedy_decode(self.model, dequantize(p), pixels(images), *a,
+                                                                          num_tokens=7))
+        self._parallel_images = jax.jit(lambda p, images, *a: parallel_decode(self.model, dequantize(p), pixels(images),
+                                                                              *a))
 
     @classmethod
     def from_pretrained(cls, path: str, tokenizer=None, step: Optional[int] = None,
@@ -90,14 +110,14 @@ class OpenVLAPolicy:
     def action_stats(self, unnorm_key: Optional[str] = None) -> dict:
         return pick_stats(self.norm_stats, unnorm_key)
 
+    def resized(self, images: np.ndarray) -> np.ndarray:
+        """uint8[B, H, W, 3] -> uint8[B, S, S, 3], resized exactly as the data pipeline resizes each image
+        (one traced call for the batch: per-image eager TF ops cost milliseconds of dispatch on a CPU)."""
+        return F.resize_batch(images, self.image_size)
+
     def pixel_values(self, images: np.ndarray) -> np.ndarray:
         """uint8[B, H, W, 3] -> float32[B, S, S, 3 * towers], exactly as the data pipeline makes them."""
-        from ovla_jax.data import frames as F
-
-        # The pipeline's per-image ops applied to the whole batch in one traced call (resizing and
-        # normalization act on each image alone, so the pixels are the same; per-image eager TF ops cost
-        # milliseconds of dispatch per call on a CPU).
-        return F.pixel_values_np(F.resize_batch(images, self.image_size), self.towers)
+        return F.pixel_values_np(self.resized(images), self.towers)
 
     def prompts(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """-> (input_ids, attention_mask) right-padded to ``max_length``. Parallel (OFT) models: the
@@ -150,11 +170,17 @@ class OpenVLAPolicy:
 
     def model_pixels(self, images: np.ndarray, wrist_images=None) -> np.ndarray:
         """Every camera the model reads -> pixel_values with the images on the channel axis."""
+        cameras = self.model_images(images, wrist_images)
+        return np.concatenate([F.pixel_values_np(cameras[..., i:i + 3], self.towers)
+                               for i in range(0, cameras.shape[-1], 3)], axis=-1)
+
+    def model_images(self, images: np.ndarray, wrist_images=None) -> np.ndarray:
+        """Every camera the model reads, resized -> uint8[B, S, S, 3 * cameras] (third-person, then wrist)."""
         cfg = self.config
         if cfg.num_images == 1:
             if wrist_images is not None:
                 raise ValueError("wrist_images were given, but this model reads 1 image (num_images 1)")
-            return self.pixel_values(images)
+            return self.resized(images)
         if wrist_images is None:
             raise ValueError(f"wrist_images: this model reads {cfg.num_images} images (third-person, then wrist); "
                              f"pass wrist_images=uint8[B, H, W, 3]")
@@ -162,7 +188,7 @@ class OpenVLAPolicy:
         if wrist_images.shape != images.shape:
             raise ValueError(f"wrist_images has shape {wrist_images.shape}; the images have {images.shape} "
                              f"(one wrist image per example)")
-        both = self.pixel_values(np.concatenate([images, wrist_images]))  # one call for both cameras
+        both = self.resized(np.concatenate([images, wrist_images]))  # one call for both cameras
         return np.concatenate(np.split(both, 2), axis=-1)
 
     def predict_action(self, images, instructions, unnorm_key: Optional[str] = None, *, wrist_images=None,
@@ -181,17 +207,18 @@ class OpenVLAPolicy:
             raise ValueError(f"images must be uint8[B, H, W, 3] with one instruction each; got {images.shape} "
                              f"and {len(instructions)} instruction(s)")
         cfg = self.config
-        pixels = self.model_pixels(images, wrist_images)
+        cameras = jnp.asarray(self.model_images(images, wrist_images))
         state = self.proprio_values(proprio, len(images), unnorm_key)
         ids, mask = self.prompts(instructions)
         stats = self.action_stats(unnorm_key)
         if cfg.parallel:
-            normalized, _ = self._parallel(self.params, jnp.asarray(pixels), jnp.asarray(ids),
-                                           jnp.asarray(mask), jnp.asarray(self.action_slots(mask)),
-                                           None if state is None else jnp.asarray(state))
+            normalized, _ = self._parallel_images(self.params, cameras, jnp.asarray(ids), jnp.asarray(mask),
+                                                  jnp.asarray(self.action_slots(mask)),
+                                                  None if state is None else jnp.asarray(state))
             actions = A.unnormalize(np.asarray(normalized), stats, self.normalization)  # [B, K, D]
             return actions[0] if single else actions
-        tokens = self.predict_action_tokens(pixels, ids, mask)
+        tokens, _ = self._greedy_images(self.params, cameras, jnp.asarray(ids), jnp.asarray(mask))
+        tokens = np.asarray(tokens)
         normalized = A.decode_action_tokens(tokens, cfg.tokenizer_vocab_size, cfg.n_action_bins)
         actions = A.unnormalize(normalized, stats, self.normalization)
         return actions[0] if single else actions

@@ -192,6 +192,27 @@ def test_batched_inference_pixels_equal_the_per_image_pipeline_ops():
             np.testing.assert_array_equal(got, want)
 
 
+def test_inference_pixel_lookup_inside_jit_equals_the_pipeline_bit_for_bit():
+    """predict_action sends uint8 images and looks pixel values up in the jitted call: every level of
+    every channel, for one and two cameras, must give the pipeline's floats exactly."""
+    import jax
+
+    from ovla_jax.policy import _lookup_pixels
+
+    rng = np.random.default_rng(3)
+    levels = np.stack([np.arange(256, dtype=np.uint8), rng.permutation(256).astype(np.uint8),
+                       np.arange(255, -1, -1).astype(np.uint8)], axis=-1).reshape(1, 16, 16, 3)
+    wrist = rng.integers(0, 256, levels.shape, dtype=np.uint8)
+    for towers in (("dinov2", "siglip"), ("siglip",)):
+        lookup = jax.jit(lambda cams, t=F.pixel_table(towers): _lookup_pixels(t, cams))
+        one = np.asarray(lookup(levels))
+        assert one.dtype == np.float32 and one.shape == (1, 16, 16, 3 * len(towers))
+        np.testing.assert_array_equal(one, F.pixel_values(tf.constant(levels[0]), towers).numpy()[None])
+        two = np.asarray(lookup(np.concatenate([levels, wrist], axis=-1)))
+        np.testing.assert_array_equal(two, np.concatenate([F.pixel_values_np(levels, towers),
+                                                           F.pixel_values_np(wrist, towers)], axis=-1))
+
+
 def test_augment_flag_off_gives_plain_decoded_resized_images(tmp_path):
     _toy_dataset(tmp_path, "toy_plain", 2)
     cfg = DataConfig(data_dir=str(tmp_path), mixture="toy_plain", image_size=32, stats_cache_dir=str(tmp_path / "s"),

@@ -208,24 +208,39 @@ def test_bf16_mode_multiplies_bf16_operands_into_fp32_accumulators(setup):
     assert len(products) > 10
     for name, operands, result in products:
         assert operands == ("bfloat16", "bfloat16") and result == "float32", (name, operands, result)
+    # The GELUs (towers' MLPs, projector) act on the fp32 accumulators, rounded once when the next product
+    # casts its input: one rounding instead of one per elementwise op.
+    erfs = [str(e.invars[0].aval.dtype) for e in _equations(jaxpr.jaxpr) if e.primitive.name in ("erf", "erfc")]
+    assert erfs and set(erfs) == {"float32"}, erfs
+
+
+def _equations(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (list, tuple)) else [value]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
 
 
 def test_low_precision_attention_tracks_fp32_with_masks_and_grouped_heads():
     from ovla_jax.models.layers import attention
 
     rng = np.random.default_rng(0)
-    q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
-    k, v = rng.normal(size=(2, 7, 2, 8)).astype(np.float32), rng.normal(size=(2, 7, 2, 8)).astype(np.float32)
-    mask = np.ones((2, 1, 5, 7), bool)
-    mask[1, :, :, 4:] = False  # padding keys in the second row
-    want = np.asarray(attention(q, k, v, mask=mask))
-    got = attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask=mask)
-    assert got.dtype == jnp.bfloat16
-    # bf16 keeps 8 significant bits (relative rounding 2^-9 per operand): outputs, convex mixtures of v,
-    # move by a few of those units of max|v| through the rounded logits and probabilities.
-    assert np.abs(np.asarray(got, np.float32) - want).max() < 0.03 * np.abs(v).max()
-    # Padding keys get no weight: changing their values changes nothing.
-    v2 = v.copy()
-    v2[1, 4:] = 100.0
-    again = attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v2)), mask=mask)
-    np.testing.assert_array_equal(np.asarray(again[1], np.float32), np.asarray(got[1], np.float32))
+    for kv_heads in (2, 4):  # grouped (2 queries per key head) and plain multi-head: two layouts
+        q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
+        k, v = (rng.normal(size=(2, 7, kv_heads, 8)).astype(np.float32) for _ in range(2))
+        mask = np.ones((2, 1, 5, 7), bool)
+        mask[1, :, :, 4:] = False  # padding keys in the second row
+        want = np.asarray(attention(q, k, v, mask=mask))
+        got = attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask=mask)
+        assert got.dtype == jnp.bfloat16
+        # bf16 keeps 8 significant bits (relative rounding 2^-9 per operand): outputs, convex mixtures of
+        # v, move by a few of those units of max|v| through the rounded logits and probabilities.
+        assert np.abs(np.asarray(got, np.float32) - want).max() < 0.03 * np.abs(v).max()
+        # Padding keys get no weight: changing their values changes nothing.
+        v2 = v.copy()
+        v2[1, 4:] = 100.0
+        again = attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v2)), mask=mask)
+        np.testing.assert_array_equal(np.asarray(again[1], np.float32), np.asarray(got[1], np.float32))

@@ -76,8 +76,21 @@ def _batch_resizer(size: int):
 
 def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
     """uint8[B, H, W, 3] -> uint8[B, size, size, 3], the pixels :func:`resize` gives each image (resizing
-    acts on each image alone; one traced graph instead of a dozen eager ops per call)."""
-    return _batch_resizer(size)(np.asarray(images, np.uint8)).numpy()
+    acts on each image alone; one traced graph instead of a dozen eager ops per call). Images already of
+    that size come back as they are: lanczos3 at scale 1 samples each pixel's own center, weight 1."""
+    images = np.asarray(images, np.uint8)
+    if images.shape[1:3] == (size, size):
+        return images
+    return _batch_resizer(size)(images).numpy()
+
+
+def pixel_table(towers=("dinov2", "siglip")) -> np.ndarray:
+    """float32[256, 3 * towers]: row v holds :func:`pixel_values_np` of the uint8 level v in every channel,
+    so ``table[image[..., c], t * 3 + c]`` is the pixel value of channel c for tower t, bit for bit.
+    Inference looks the values up inside its jitted call instead of sending 4-byte floats (a lookup is
+    exact on any backend; arithmetic there could be reassociated)."""
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    return pixel_values_np(levels, towers)
 
 
 def pixel_values_np(images: np.ndarray, towers=("dinov2", "siglip")) -> np.ndarray:

@@ -48,6 +48,7 @@ class Dense(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = DEFAULT_KERNEL_INIT
     lora: Optional[LoRA] = None
+    out_dtype: Optional[Dtype] = None  # the result's dtype when not ``dtype``: fp32 keeps the accumulator
 
     @nn.compact
     def __call__(self, x):
@@ -71,15 +72,15 @@ class Dense(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(y.dtype)
-        return y.astype(self.dtype)
+        return y.astype(self.out_dtype or self.dtype)
 
 
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype: Dtype = jnp.float32,
           param_dtype: Dtype = jnp.float32, kernel_init: Callable = DEFAULT_KERNEL_INIT,
-          lora: Optional[LoRA] = None, name: str | None = None) -> Dense:
+          lora: Optional[LoRA] = None, out_dtype: Optional[Dtype] = None, name: str | None = None) -> Dense:
     """A :class:`Dense` whose kernel [in, out] and bias [out] carry logical axis names."""
     return Dense(features, axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-                 lora=lora, name=name)
+                 lora=lora, out_dtype=out_dtype, name=name)
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
@@ -102,12 +103,18 @@ def attention(q, k, v, mask=None):
     if q.dtype == jnp.float32:
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     b, t, n, h = q.shape
-    groups = n // k.shape[2]
-    q = q.reshape(b, t, k.shape[2], groups, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
+    kv, s = k.shape[2], k.shape[1]
+    groups = n // kv
+    # Grouped heads get a group axis; plain multi-head attention (the towers) keeps the simpler layout,
+    # which XLA:CPU runs ~10% faster.
+    if groups > 1:
+        q = q.reshape(b, t, kv, groups, h)
+        scores, mix, shape = "btkgh,bskh->bkgts", "bkgts,bskh->btkgh", (b, kv, groups, t, s)
+    else:
+        scores, mix, shape = "btnh,bsnh->bnts", "bnts,bsnh->btnh", (b, n, t, s)
+    logits = jnp.einsum(scores, q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, n, t, k.shape[1])).reshape(b, k.shape[2], groups, t, k.shape[1])
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(jnp.broadcast_to(mask, (b, n, t, s)).reshape(shape), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(mix, probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(v.dtype)

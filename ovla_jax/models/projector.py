@@ -36,8 +36,9 @@ class Projector(nn.Module):
         x = features.astype(self.dtype)
         for i, width in enumerate(widths):
             if i:
-                x = exact_gelu(x)
+                x = exact_gelu(x)  # on the previous layer's fp32 accumulator (see vit.MlpBlock)
             axes = (ax.EMBED, ax.MLP) if i % 2 == 0 else (ax.MLP, ax.EMBED)
+            last = i == len(widths) - 1
             x = dense(width, axes, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
-                      name=f"fc{i + 1}")(x)
+                      out_dtype=None if last else jnp.float32, name=f"fc{i + 1}")(x)
         return x
