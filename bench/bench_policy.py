@@ -17,16 +17,17 @@ fp32 accumulation) in the same process, their ratio, and whether both give the s
     python bench/bench_policy.py --checkpoint workdir/demo/run_oft [--clients 16] [--requests 256]
 
 ``--checkpoint``: a trained policy (e.g. the demo's): latency at batch 1 in fp32, bf16, int8 and int4;
-actions/s at batch 1 to 32; then ``ovla-jax serve``'s app on uvicorn in this process, answering
+actions/s at batch 1 to 32; then ``ovla-jax serve`` started in its own process (as deployed), answering
 ``--requests`` official-protocol requests from one client at a time, then from ``--clients`` concurrent
-clients (dynamic batching), every answer checked against ``predict_action``; throughput ratio printed.
+clients (dynamic batching), twice each in alternation, every answer checked against ``predict_action``;
+throughput ratio printed. The clients are a light asyncio load generator in this process (raw
+HTTP/1.1 keep-alive connections), so that on a small machine they do not eat the server's CPU.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import threading
 import time
 
 import jax
@@ -152,55 +153,113 @@ def checkpoint_bench(path: str, clients: int, requests_total: int, repeats: int)
     rates = {}
     for batch in (1, 2, 4, 8, 16, 32):
         images, texts, wrist, state = _observation(policy, rng, batch)
-        seconds = _timed(lambda: policy.predict_action(images, texts, wrist_images=wrist, proprio=state), max(2, repeats // 2))
+        seconds = _timed(lambda: policy.predict_action(images, texts, wrist_images=wrist, proprio=state), repeats)
         rates[batch] = batch * per_call / seconds
         print(f"  batch {batch:2d}: {rates[batch]:9.1f} actions/s ({rates[batch] / rates[1]:.2f}x batch 1)")
-    serve_bench(policy, clients, requests_total)
+    print(f"ovla-jax serve --max-batch {clients} in its own process, {requests_total} requests per round:")
+    serve_bench(path, policy, clients, requests_total)
 
 
-def serve_bench(policy, clients: int, requests_total: int) -> None:
-    """Throughput of the server: one client at a time vs ``clients`` at once, answers checked."""
-    import concurrent.futures
+def _serve_process(path: str, max_batch: int):
+    """``ovla-jax serve`` in its own process on a free local port, as deployed -> (process, url, log)."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
 
-    import json_numpy
     import requests
 
-    from ovla_jax.serve.background import BackgroundServer
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "ovla_jax", "serve", "--checkpoint", path, "--host", "127.0.0.1",
+                             "--port", str(port), "--max-batch", str(max_batch)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 900
+    while True:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            log.seek(0)
+            raise RuntimeError(f"ovla-jax serve did not come up:\n{log.read()[-3000:]}")
+        try:
+            if requests.get(url + "/healthz", timeout=1).ok:
+                return proc, url, log
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+
+
+async def _load(port: int, requests_bytes: list, connections: int) -> tuple[float, dict]:
+    """Every request once over ``connections`` kept-alive HTTP/1.1 connections, each sending its next
+    request when the last is answered (a light load generator, like wrk: a few microseconds of client
+    work per request, so the server's cost is what is measured) -> (requests/s, answers by index)."""
+    import asyncio
+
+    import json_numpy
+
+    todo = list(range(len(requests_bytes)))[::-1]
+    answers = {}
+
+    async def connection():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while todo:
+            i = todo.pop()
+            writer.write(requests_bytes[i])
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = head.split(b" ", 2)[1]
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            body = await reader.readexactly(length)
+            if status != b"200":
+                raise RuntimeError(f"request {i}: HTTP {status.decode()}: {body[:300]!r}")
+            answers[i] = json_numpy.loads(body)
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(connections)))
+    return len(requests_bytes) / (time.perf_counter() - start), answers
+
+
+def serve_bench(path: str, policy, clients: int, requests_total: int) -> None:
+    """Throughput of ``ovla-jax serve`` (its own process): one client at a time vs ``clients`` at once,
+    official-protocol requests, every answer checked against ``predict_action``."""
+    import asyncio
+    from urllib.parse import urlparse
+
+    import json_numpy
 
     rng = np.random.default_rng(1)
     key = next(iter(policy.norm_stats))
     images, texts, wrist, state = _observation(policy, rng, requests_total)
-    bodies = []
+    encoded, want = [], []
     for i in range(requests_total):
         payload = {"image": images[i], "instruction": texts[i], "unnorm_key": key}
         if wrist is not None:
             payload["wrist_image"] = wrist[i]
         if state is not None:
             payload["proprio"] = state[i]
-        bodies.append(json_numpy.dumps(payload))
-    want = [policy.predict_action(images[i], texts[i], key, wrist_images=None if wrist is None else wrist[i],
-                                  proprio=None if state is None else state[i]) for i in range(requests_total)]
-    local = threading.local()  # a requests.Session per client thread: one kept-alive connection each
-    with BackgroundServer(policy, max_batch=clients, max_wait_ms=0.0) as srv:
-        def send(i):
-            if not hasattr(local, "session"):
-                local.session = requests.Session()
-            r = local.session.post(srv.url + "/act", data=bodies[i], timeout=600)
-            return json_numpy.loads(r.text)
-
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool:  # warm-up: connections, first batches
-            list(pool.map(send, range(min(requests_total, 4 * clients))))
+        body = json_numpy.dumps(payload).encode()
+        encoded.append(b"POST /act HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        want.append(policy.predict_action(images[i], texts[i], key, wrist_images=None if wrist is None else wrist[i],
+                                          proprio=None if state is None else state[i]))
+    proc, url, log = _serve_process(path, clients)
+    try:
+        port = urlparse(url).port
+        asyncio.run(_load(port, encoded[:4 * clients], clients))  # warm-up: connections, every batch size
         results = {}
-        for label, workers in (("one client at a time", 1), (f"{clients} concurrent clients", clients)):
-            start = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                got = list(pool.map(send, range(requests_total)))
-            results[label] = requests_total / (time.perf_counter() - start)
-            worst = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
-            print(f"  server, {label}: {results[label]:8.2f} requests/s; largest difference from predict_action "
-                  f"{worst:.2e}")
-        one, many = results.values()
-        print(f"  ratio {clients} clients / one: {many / one:.2f}x (batched model calls: {srv.app.state.batcher.calls})")
+        for label, connections in (("one client at a time", 1), (f"{clients} concurrent clients", clients)) * 2:
+            rate, got = asyncio.run(_load(port, encoded, connections))
+            worst = max(float(np.abs(got[i] - want[i]).max()) for i in range(requests_total))
+            results.setdefault(label, []).append(rate)
+            print(f"  server, {label}: {rate:8.2f} requests/s; largest difference from predict_action {worst:.2e}")
+        one, many = (float(np.median(r)) for r in results.values())
+        print(f"  ratio {clients} clients / one: {many / one:.2f}x (medians of 2 rounds, alternating)")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
 
 
 def main(argv=None) -> None:
