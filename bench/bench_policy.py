@@ -161,17 +161,16 @@ def checkpoint_bench(path: str, clients: int, requests_total: int, repeats: int)
 
 
 def _serve_process(path: str, max_batch: int):
-    """``ovla-jax serve`` in its own process on a free local port, as deployed -> (process, url, log)."""
-    import socket
+    """``ovla-jax serve`` in its own process on a free local port, as deployed -> (process, port, log)."""
     import subprocess
     import sys
     import tempfile
 
     import requests
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ovla_jax.serve.background import free_port
+
+    port = free_port()
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "ovla_jax", "serve", "--checkpoint", path, "--host", "127.0.0.1",
                              "--port", str(port), "--max-batch", str(max_batch)], stdout=log, stderr=subprocess.STDOUT)
@@ -184,7 +183,7 @@ def _serve_process(path: str, max_batch: int):
             raise RuntimeError(f"ovla-jax serve did not come up:\n{log.read()[-3000:]}")
         try:
             if requests.get(url + "/healthz", timeout=1).ok:
-                return proc, url, log
+                return proc, port, log
         except requests.ConnectionError:
             pass
         time.sleep(0.5)
@@ -225,7 +224,6 @@ def serve_bench(path: str, policy, clients: int, requests_total: int) -> None:
     """Throughput of ``ovla-jax serve`` (its own process): one client at a time vs ``clients`` at once,
     official-protocol requests, every answer checked against ``predict_action``."""
     import asyncio
-    from urllib.parse import urlparse
 
     import json_numpy
 
@@ -244,9 +242,8 @@ def serve_bench(path: str, policy, clients: int, requests_total: int) -> None:
                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
         want.append(policy.predict_action(images[i], texts[i], key, wrist_images=None if wrist is None else wrist[i],
                                           proprio=None if state is None else state[i]))
-    proc, url, log = _serve_process(path, clients)
+    proc, port, log = _serve_process(path, clients)
     try:
-        port = urlparse(url).port
         asyncio.run(_load(port, encoded[:4 * clients], clients))  # warm-up: connections, every batch size
         results = {}
         for label, connections in (("one client at a time", 1), (f"{clients} concurrent clients", clients)) * 2:

@@ -71,8 +71,7 @@ class OpenVLAPolicy:
         self.image_size = config.vision[0].image_size
         # predict_action sends resized uint8 images; the pixel values are looked up inside the call
         # (a quarter of the bytes, and no per-call host arithmetic, which dominated small models).
-        table = jnp.asarray(F.pixel_table(self.towers))
-        pixels = partial(_lookup_pixels, table)
+        self._pixels = pixels = partial(_lookup_pixels, jnp.asarray(F.pixel_table(self.towers)))
         self._greedy = jax.jit(lambda p, *a: greedy_decode(self.model, dequantize(p), *a, num_tokens=7))
         self._greedy_images = jax.jit(lambda p, images, *a: greedy_decode(self.model, dequantize(p), pixels(images), *a,
                                                                           num_tokens=7))
@@ -170,9 +169,7 @@ class OpenVLAPolicy:
 
     def model_pixels(self, images: np.ndarray, wrist_images=None) -> np.ndarray:
         """Every camera the model reads -> pixel_values with the images on the channel axis."""
-        cameras = self.model_images(images, wrist_images)
-        return np.concatenate([F.pixel_values_np(cameras[..., i:i + 3], self.towers)
-                               for i in range(0, cameras.shape[-1], 3)], axis=-1)
+        return np.asarray(self._pixels(self.model_images(images, wrist_images)))
 
     def model_images(self, images: np.ndarray, wrist_images=None) -> np.ndarray:
         """Every camera the model reads, resized -> uint8[B, S, S, 3 * cameras] (third-person, then wrist)."""

@@ -9,13 +9,18 @@ import time
 from ovla_jax.serve.app import serving_app
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 class BackgroundServer:
     def __init__(self, policy, *, max_batch: int = 4, max_wait_ms: float = 20.0, unnorm_key=None, **app_kw):
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.app = serving_app(policy, max_batch=max_batch, max_wait_ms=max_wait_ms, unnorm_key=unnorm_key,
                                progress=None, **app_kw)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
