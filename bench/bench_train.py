@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     abstract = meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["pixel_values"][:1],
                                                             batch["input_ids"][:1])["params"]))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
-    tx = O.make_optimizer(abstract, lr_schedule=O.schedule("constant", 1e-4))
+    tx = O.make_optimizer(lr_schedule=O.schedule("constant", 1e-4))
     trainer = Trainer(model, tx, mesh)
     state = trainer.init(jax.random.PRNGKey(0), batch)
     step = trainer.compile_step(sharding.batch_sharding(mesh))

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="src_format", choices=SOURCE_FORMATS, required=True,
                         help="format of SRC (train = an `ovla-jax train` workdir or checkpoint; LoRA is merged)")
     parser.add_argument("--step", type=int, default=None, help="with --from train: the step (default: latest)")
+    parser.add_argument("--base", default=None,
+                        help="with --from train: where the run's frozen base checkpoint is now (default: the "
+                             "init_checkpoint the run recorded; the adapters are merged into its original weights)")
     parser.add_argument("--to", dest="dst_format", choices=FORMATS, required=True, help="format to write")
     parser.add_argument("src", metavar="SRC", help="source checkpoint directory")
     parser.add_argument("dst", metavar="DST", help="destination directory (written atomically)")
@@ -28,15 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(src: str, dst: str, src_format: str, dst_format: str, dtype: str | None = None,
             overwrite: bool = False, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
-            step: int | None = None) -> None:
+            step: int | None = None, base: str | None = None) -> None:
     """Stream SRC in one format into DST in another (or the same: a re-shard / dtype cast), one tensor
     at a time; DST appears only when complete."""
     if src_format == "train":
         from ovla_jax.checkpoints.train_dir import export_checkpoint
 
         export_checkpoint(src, dst, hf.LAYOUTS[dst_format], step=step, dtype=dtype, overwrite=overwrite,
-                          max_shard_bytes=max_shard_bytes, progress=progress)
+                          max_shard_bytes=max_shard_bytes, progress=progress, base=base)
         return
+    if base is not None:
+        raise CheckpointError("--base applies to --from train only")
     hf.convert_checkpoint(src, dst, hf.LAYOUTS[src_format], hf.LAYOUTS[dst_format], dtype=dtype, overwrite=overwrite,
                           max_shard_bytes=max_shard_bytes, progress=progress)
 
@@ -45,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     try:
         convert(args.src, args.dst, args.src_format, args.dst_format, args.dtype, args.overwrite,
-                int(args.max_shard_gb * 1024**3), progress=not args.quiet, step=args.step)
+                int(args.max_shard_gb * 1024**3), progress=not args.quiet, step=args.step, base=args.base)
     except CheckpointError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

@@ -71,7 +71,7 @@ def demo_config(data_dir: str, steps: int, batch_size: int = 32, seed: int = 0, 
     c.dtype = "float32"
     c.remat = "none"
     c.mode = "full"
-    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0))
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=None, dropout=0.0))
     # OFT: lr 2e-3 with batch 128 and 200 warmup steps (single runs before the positions were rescaled:
     # 62% at 2e-3, 36% at 1e-3, 41% at 4e-3, where the policy reached the named block but never closed).
     # Before param_init, lr >= 2e-3 collapsed the L1 head to the median action (no motion).

@@ -20,6 +20,7 @@ import numpy as np
 from ovla_jax import actions as A
 from ovla_jax import quantize as Q
 from ovla_jax.models.config import OpenVLAConfig, pixel_normalizations
+from ovla_jax.models.scan import is_scanned
 from ovla_jax.models.openvla import OpenVLA, greedy_decode, parallel_decode
 from ovla_jax.data import frames as F
 from ovla_jax.data.batch import prompt_ids
@@ -28,11 +29,18 @@ from ovla_jax.data.batch import prompt_ids
 DTYPES = ("float32", "bfloat16")
 
 
-def _cast_floats(dtype):
+def final_form(params, dtype: str, quantize: str):
+    """Params (host or device; loaded ones are already final) -> floats in ``dtype``, Dense kernels
+    quantized, on the device. Leaves already in that form are passed through without a copy."""
+    target = jnp.dtype(dtype)
+
     def cast(a):
-        a = np.asarray(a)
-        return a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a
-    return cast
+        if Q.is_quantized(a) or not jnp.issubdtype(a.dtype, jnp.floating) or a.dtype == target:
+            return a
+        return a.astype(target)
+
+    params = jax.tree.map(cast, params, is_leaf=Q.is_quantized)
+    return jax.device_put(Q.quantize_params(params, quantize))
 
 
 def _lookup_pixels(table, cameras):
@@ -59,30 +67,27 @@ class OpenVLAPolicy:
         self.config, self.tokenizer, self.max_length = config, tokenizer, max_length
         self.normalization, self.dtype = normalization, dtype
         # bf16: weights stored in bf16 (half the memory traffic), every product accumulated in fp32.
-        self.model = OpenVLA(config, dtype=jnp.dtype(dtype))
-        if dtype != "float32":
-            params = jax.tree.map(_cast_floats(jnp.dtype(dtype)), params)
+        # int8 / int4: Dense kernels stored quantized with their scales, each dequantized next to its matmul
+        # (inside the layer body when the layers are scanned: one layer's kernels in full precision at a time).
         self.quantize = quantize
-        # int8 / int4: Dense kernels stored quantized with their scales, dequantized inside the jitted call.
-        self.params = jax.device_put(Q.quantize_params(params, quantize))
-        dequantize = partial(Q.dequantize, dtype=jnp.dtype(dtype))
+        self.params = final_form(params, dtype, quantize)
+        self.model = OpenVLA(config, dtype=jnp.dtype(dtype), scan_layers=is_scanned(self.params))
         self.norm_stats = norm_stats
         self.towers = pixel_normalizations(config)
         self.image_size = config.vision[0].image_size
         # predict_action sends resized uint8 images; the pixel values are looked up inside the call
         # (a quarter of the bytes, and no per-call host arithmetic, which dominated small models).
         self._pixels = pixels = partial(_lookup_pixels, jnp.asarray(F.pixel_table(self.towers)))
-        self._greedy = jax.jit(lambda p, *a: greedy_decode(self.model, dequantize(p), *a, num_tokens=7))
-        self._greedy_images = jax.jit(lambda p, images, *a: greedy_decode(self.model, dequantize(p), pixels(images), *a,
-                                                                          num_tokens=7))
-        self._parallel_images = jax.jit(lambda p, images, *a: parallel_decode(self.model, dequantize(p), pixels(images),
-                                                                              *a))
+        self._greedy = jax.jit(lambda p, *a: greedy_decode(self.model, p, *a, num_tokens=7))
+        self._greedy_images = jax.jit(lambda p, images, *a: greedy_decode(self.model, p, pixels(images), *a, num_tokens=7))
+        self._parallel_images = jax.jit(lambda p, images, *a: parallel_decode(self.model, p, pixels(images), *a))
 
     @classmethod
     def from_pretrained(cls, path: str, tokenizer=None, step: Optional[int] = None,
                         max_length: Optional[int] = None, normalization: Optional[str] = None,
                         action_head: Optional[str] = None, dtype: str = "float32",
-                        quantize: str = "none") -> "OpenVLAPolicy":
+                        quantize: str = "none", scan_layers: Optional[bool] = None,
+                        progress: bool = False) -> "OpenVLAPolicy":
         """A train workdir / checkpoint, an ovla-jax dir or an HF dir (an OFT one too: its head files
         beside it). ``tokenizer``: a Tokenizer, a spec ("char", "words", a tokenizer dir), or None = the
         training run's, else the checkpoint dir itself when it holds tokenizer files, else "char".
@@ -90,10 +95,15 @@ class OpenVLAPolicy:
         ``action_head``: what the caller expects; a mismatch with the checkpoint is an error.
         ``dtype``: ``float32`` or ``bfloat16`` (bf16 weights and operands, fp32 accumulation: ~2x on CPU).
         ``quantize``: ``none``, ``int8`` (weight-only, per output channel) or ``int4`` (per group of 128
-        input rows, two weights a byte); see ``ovla_jax.quantize``."""
+        input rows, two weights a byte); see ``ovla_jax.quantize``. Weights stream from the checkpoint
+        straight into that form (``ovla_jax.checkpoints.loader``): peak memory is the final weights + one
+        tensor. ``scan_layers``: None = scanned for models over 200M parameters (the 7B), else per-layer."""
+        from ovla_jax.checkpoints.loader import load
         from ovla_jax.tokenizer import make_tokenizer
 
-        config, params, norm_stats, trained, trained_tokenizer = load_checkpoint_any(path, step)
+        loaded = load(path, step=step, dtype=dtype, quantize=quantize, scan=scan_layers, progress=progress)
+        config, params, norm_stats = loaded.config, loaded.params, loaded.norm_stats
+        trained, trained_tokenizer = loaded.trained, loaded.tokenizer
         if action_head is not None and action_head != config.action_head:
             raise ValueError(f"{path}: the checkpoint's action_head is {config.action_head!r} (chunk {config.chunk}), "
                              f"not {action_head!r}")
@@ -219,28 +229,6 @@ class OpenVLAPolicy:
         normalized = A.decode_action_tokens(tokens, cfg.tokenizer_vocab_size, cfg.n_action_bins)
         actions = A.unnormalize(normalized, stats, self.normalization)
         return actions[0] if single else actions
-
-
-def load_checkpoint_any(path: str, step: Optional[int] = None):
-    """-> (config, host params, norm_stats, training settings {max_length, normalization} or None,
-    tokenizer spec or None) from a train workdir / checkpoint (which records them), an ovla-jax dir or
-    an HF dir."""
-    from ovla_jax.checkpoints.errors import CheckpointError
-    from ovla_jax.checkpoints.hf import load_hf_checkpoint
-    from ovla_jax.checkpoints.jax_format import is_jax_checkpoint, load_jax_checkpoint
-    from ovla_jax.checkpoints import train_dir as TC
-
-    if TC.is_train_checkpoint(path):
-        config, params, norm_stats, meta = TC.load_params(path, step)
-        train_config = meta.get("train_config", {})
-        trained = {"max_length": train_config.get("max_length"),
-                   "normalization": (train_config.get("data") or {}).get("normalization")}
-        return config, params, norm_stats, trained, train_config.get("tokenizer")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: checkpoint directory not found")
-    if is_jax_checkpoint(path):
-        return (*load_jax_checkpoint(path), None, None)
-    return (*load_hf_checkpoint(path, dtype="float32"), None, None)
 
 
 def pick_stats(norm_stats: dict, key: Optional[str], path: str = "the checkpoint", field: str = "action") -> dict:

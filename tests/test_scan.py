@@ -155,7 +155,8 @@ def test_scanned_lora_run_exports_per_layer_and_refuses_a_flipped_resume(tmp_pat
     result = train(cfg, str(tmp_path / "run"), progress=False)
     params = jax.device_get(result.state.params)
     assert is_scanned(params)
-    want = traverse_util.flatten_dict(unstack_layers(merge_lora(params, LoRA(rank=4, alpha=16.0))))
+    # alpha unset: upstream's min(rank, 16) = 4, scale 1
+    want = traverse_util.flatten_dict(unstack_layers(merge_lora(params, LoRA(rank=4, alpha=4.0))))
     convert(str(tmp_path / "run"), str(tmp_path / "export"), "train", "jax", progress=False)
     _, exported, _ = load_jax_checkpoint(str(tmp_path / "export"))
     exported = traverse_util.flatten_dict(exported)

@@ -100,7 +100,7 @@ def test_lora_run_exports_merged_weights(tmp_path):
     convert(str(tmp_path / "run"), str(tmp_path / "export"), "train", "jax", progress=False)
     config, exported, norm_stats = load_jax_checkpoint(str(tmp_path / "export"))
     assert "bridge_dataset" in norm_stats and norm_stats["bridge_dataset"]["num_transitions"] > 0
-    merged = traverse_util.flatten_dict(merge_lora(params, LoRA(rank=4, alpha=16.0)))
+    merged = traverse_util.flatten_dict(merge_lora(params, LoRA(rank=4, alpha=4.0)))  # alpha: min(rank, 16)
     exported = traverse_util.flatten_dict(exported)
     assert exported.keys() == merged.keys()
     for k in merged:

@@ -5,6 +5,7 @@ Override any field on the command line: ``--config.batch_size=64 --config.optimi
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs.model import openvla as model_configs
 
@@ -32,7 +33,15 @@ def base_config(model: str = "7b") -> ml_collections.ConfigDict:
     c.scan_layers = False  # nn.scan over each tower's blocks and the LLM's layers (fast compiles; ovla_jax/models/scan.py)
 
     c.mode = "full"  # full | frozen_vision | last_layer | sandwich | lora
-    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0))  # rank > 0 adds adapters
+    # rank > 0 adds adapters; alpha None = upstream's min(rank, 16) (scale alpha / rank = 1 up to rank 16)
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=config_dict.placeholder(float), dropout=0.0))
+    # How frozen params are stored (modes that freeze: lora, frozen_vision, last_layer, sandwich; see
+    # ovla_jax/train/frozen.py). frozen_dtype: auto = the compute dtype (bf16 base under bf16 compute, as
+    # upstream's LoRA) | float32 | bfloat16. frozen_quantize: none | int8 | int4 (QLoRA-style: the frozen
+    # Dense kernels of init_checkpoint quantized as they are read, dequantized one layer at a time in the
+    # step; export merges the adapters into init_checkpoint's original weights).
+    c.frozen_dtype = "auto"
+    c.frozen_quantize = "none"
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, clip_norm=1.0, accumulate_steps=1))
 

@@ -29,7 +29,7 @@ def get_config(mode: str = "full"):
     c.keep = 2
     if mode == "lora":
         c.mode = "lora"
-        c.lora.rank, c.lora.alpha = 8, 16.0
+        c.lora.rank = 8  # alpha min(rank, 16) = 8: scale 1, as upstream
     elif mode != "full":
         raise ValueError(f"debug variant {mode!r}: use :full or :lora")
     return c

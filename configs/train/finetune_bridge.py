@@ -20,7 +20,7 @@ def get_config(mode: str = "lora"):
     c.scan_layers = True
     if mode == "lora":
         c.mode = "lora"
-        c.lora.rank, c.lora.alpha, c.lora.dropout = 32, 16.0, 0.0
+        c.lora.rank, c.lora.dropout = 32, 0.0  # alpha: min(rank, 16) = 16
         c.batch_size = 16
         c.optimizer.lr = 5e-4
     else:

@@ -23,7 +23,7 @@ def get_config(suite: str = "spatial"):
     c.remat = "dots"
     c.scan_layers = True
     c.mode = "lora"
-    c.lora.rank, c.lora.alpha, c.lora.dropout = 32, 16.0, 0.0
+    c.lora.rank, c.lora.dropout = 32, 0.0  # alpha: min(rank, 16) = 16, as OFT
     c.batch_size = 64
     c.optimizer.lr = 5e-4
     c.optimizer.schedule = "step_decay"

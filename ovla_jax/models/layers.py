@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ovla_jax import quantize as Q
 from ovla_jax import sharding as ax
 from ovla_jax.models.lora import LoRA
 
@@ -39,7 +40,10 @@ class Dense(nn.Module):
     """``nn.Dense`` (kernel [in, out], bias [out], same names and numerics) with logical axis names on
     its params and an optional LoRA adapter (``lora_a`` [in, r], ``lora_b`` [r, out]).
 
-    Adapter dropout is active only when the caller provides a ``dropout`` rng (training)."""
+    Adapter dropout is active only when the caller provides a ``dropout`` rng (training). A kernel given
+    quantized (``ovla_jax.quantize``: int8 / int4 inference, or a QLoRA frozen base) is dequantized here,
+    next to its matmul: under scanned layers that is inside the layer body, so only one layer's kernels
+    exist in full precision at a time."""
 
     features: int
     axes: tuple[str, str]
@@ -53,10 +57,8 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         d_in, (in_axis, out_axis) = x.shape[-1], self.axes
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                            (d_in, self.features), self.param_dtype)
         x = x.astype(self.dtype)
-        y = matmul(x, kernel.astype(self.dtype))
+        y = matmul(x, self._kernel(d_in))
         if self.lora is not None:
             r = self.lora.rank
             a = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.normal(1.0 / r), (in_axis, None)),
@@ -73,6 +75,19 @@ class Dense(nn.Module):
                               (self.features,), self.param_dtype)
             y = y + bias.astype(y.dtype)
         return y.astype(self.out_dtype or self.dtype)
+
+    def _kernel(self, d_in: int):
+        """The kernel [in, out] in the compute dtype (dequantized when it is stored quantized)."""
+        if self.has_variable("params", "kernel"):
+            stored = self.get_variable("params", "kernel")
+            if Q.is_quantized(stored):
+                if stored.kernel_shape != (d_in, self.features):
+                    raise ValueError(f"{'/'.join(self.scope.path)}: quantized kernel holds {stored.kernel_shape}, "
+                                     f"the layer needs {(d_in, self.features)}")
+                return Q.dequantize_weight(stored, self.dtype)
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            (d_in, self.features), self.param_dtype)
+        return kernel.astype(self.dtype)
 
 
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype: Dtype = jnp.float32,

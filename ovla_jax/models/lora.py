@@ -23,7 +23,7 @@ LORA_PATTERN = r"/lora_[ab]$"
 @dataclasses.dataclass(frozen=True)
 class LoRA:
     rank: int = 32
-    alpha: float = 16.0  # upstream: min(rank, 16)
+    alpha: float = 16.0  # upstream: min(rank, 16) (lora_from_config applies it when alpha is None)
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -38,31 +38,41 @@ class LoRA:
 
 
 def lora_from_config(cfg) -> Optional[LoRA]:
-    """A LoRA from a config mapping with ``rank`` (0 or missing = no adapters), ``alpha``, ``dropout``."""
+    """A LoRA from a config mapping with ``rank`` (0 or missing = no adapters), ``alpha`` (None or missing =
+    upstream's ``min(rank, 16)``), ``dropout``."""
     if cfg is None or not cfg.get("rank", 0):
         return None
-    return LoRA(rank=int(cfg["rank"]), alpha=float(cfg.get("alpha", min(cfg["rank"], 16))),
-                dropout=float(cfg.get("dropout", 0.0)))
+    alpha = cfg.get("alpha")
+    return LoRA(rank=int(cfg["rank"]), alpha=float(default_alpha(int(cfg["rank"])) if alpha is None else alpha),
+                dropout=float(cfg.get("dropout", 0.0) or 0.0))
+
+
+def default_alpha(rank: int) -> float:
+    """Upstream's rule (``vla-scripts/finetune.py``): alpha = min(rank, 16), i.e. scale 1 up to rank 16."""
+    return float(min(rank, 16))
 
 
 def has_lora(params) -> bool:
     return any(k[-1] in LORA_PARAMS for k in traverse_util.flatten_dict(params))
 
 
+def merged_kernel(kernel, a, b, lora: LoRA):
+    """``W + A @ B * scale`` computed in fp32 and cast back to W's dtype (numpy or jax arrays; leading
+    stacked-layer axes allowed)."""
+    xp = jnp if not isinstance(kernel, np.ndarray) else np
+    delta = xp.asarray(a, np.float32) @ xp.asarray(b, np.float32) * np.float32(lora.scale)
+    return (xp.asarray(kernel, np.float32) + delta).astype(kernel.dtype)
+
+
 def merge_lora(params, lora: LoRA):
     """Params of an adapted model -> params of the plain model (same tree minus the adapters), with
-    every adapted kernel replaced by ``W + A @ B * scale``, computed in fp32 and cast back to W's dtype.
-    Works on numpy or jax arrays."""
+    every adapted kernel replaced by :func:`merged_kernel`. Works on numpy or jax arrays."""
     flat = traverse_util.flatten_dict(params)
     merged = {}
     for path, value in flat.items():
         if path[-1] in LORA_PARAMS:
             continue
         if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat:
-            a = flat[path[:-1] + ("lora_a",)]
-            b = flat[path[:-1] + ("lora_b",)]
-            xp = jnp if not isinstance(value, np.ndarray) else np
-            delta = xp.asarray(a, np.float32) @ xp.asarray(b, np.float32) * np.float32(lora.scale)
-            value = (xp.asarray(value, np.float32) + delta).astype(value.dtype)
+            value = merged_kernel(value, flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)], lora)
         merged[path] = value
     return traverse_util.unflatten_dict(merged)

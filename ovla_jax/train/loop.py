@@ -16,12 +16,14 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util as flax_traverse
 from flax.linen import meta as flax_meta
 
 from ovla_jax import fileio, sharding
 from ovla_jax.checkpoints.hf import read_config
 from ovla_jax.checkpoints.hf_config import config_to_hf
-from ovla_jax.checkpoints.train_dir import read_meta, resolve
+from ovla_jax.checkpoints.sharded import covered_paths, place
+from ovla_jax.checkpoints.train_dir import base_record, read_meta, resolve
 from ovla_jax.data.batch import BatchTransform, batch_spec, to_global_arrays
 from ovla_jax.data.errors import DataError
 from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches
@@ -32,6 +34,7 @@ from ovla_jax.models.param_init import SCHEMES as PARAM_INIT_SCHEMES
 from ovla_jax.tokenizer import make_tokenizer
 from ovla_jax.train import optimizer as O
 from ovla_jax.train.checkpoint import Checkpointer
+from ovla_jax.train.frozen import FrozenForm, combine, frozen_paths
 from ovla_jax.train.preemption import PreemptionWatch
 from ovla_jax.train.report import Reporter, summarize
 from ovla_jax.train.step import Trainer
@@ -157,8 +160,8 @@ def build(config, model_cfg: OpenVLAConfig, num_datasets: int, devices=None) -> 
         raise ConfigError(f"optimizer: {e}") from None
     try:
         patterns = O.trainable_patterns(config.mode, model_cfg.llm.num_layers, scan)
-        tx = O.make_optimizer(abstract_params, lr_schedule=lr, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
-                              trainable=patterns, accumulate_steps=opt.accumulate_steps)
+        tx = O.make_optimizer(lr_schedule=lr, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
+                              accumulate_steps=opt.accumulate_steps)
         mask = O.trainable_mask(abstract_params, patterns)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -167,8 +170,67 @@ def build(config, model_cfg: OpenVLAConfig, num_datasets: int, devices=None) -> 
     if init_scheme not in PARAM_INIT_SCHEMES:
         raise ConfigError(f"param_init {init_scheme!r}: choose from {PARAM_INIT_SCHEMES}")
     trainer = Trainer(model, tx, mesh, num_datasets=num_datasets, trainable=None if all_train else mask,
-                      init_scheme=init_scheme)
+                      init_scheme=init_scheme, frozen_form=frozen_form(config, all_train))
     return TrainSetup(model_cfg, model, lora, tx, lr, mesh, trainer, example)
+
+
+def frozen_form(config, all_train: bool) -> FrozenForm:
+    """``frozen_dtype`` / ``frozen_quantize`` of a config, checked against its mode. ``frozen_dtype`` "auto"
+    is the compute dtype: a frozen weight is only read as a matmul operand in that dtype, so a wider copy
+    would be memory spent for nothing (bf16 for the 7B configs, as upstream's LoRA on a bf16 base)."""
+    dtype = config.get("frozen_dtype", "auto") or "auto"
+    quantize = config.get("frozen_quantize", "none") or "none"
+    if dtype == "auto":
+        dtype = config.dtype
+    if all_train and quantize != "none":
+        raise ConfigError(f"frozen_quantize={quantize!r} with mode={config.mode!r}: that mode trains every "
+                          f"parameter, so nothing is frozen to quantize (QLoRA: mode=lora, or a frozen_* mode)")
+    try:
+        return FrozenForm(dtype, quantize)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _subtree(tree, paths) -> dict:
+    flat = flax_traverse.flatten_dict(tree)
+    return flax_traverse.unflatten_dict({p: v for p, v in flat.items() if p in paths})
+
+
+def _base_checkpoint(config, trainer, target):
+    """(the init checkpoint as a weight source or None, the frozen param paths it holds). Those are read
+    from it in their frozen form and never saved: resume and export read them back from it."""
+    from ovla_jax.checkpoints.loader import open_source
+
+    init = config.get("init_checkpoint")
+    quantize = trainer.frozen_form.quantize
+    if not init:
+        if quantize != "none":
+            raise ConfigError(f"frozen_quantize={quantize!r} needs init_checkpoint: the base is quantized as it is "
+                              f"read from a checkpoint, and export merges the adapters into that checkpoint's "
+                              f"original weights")
+        return None, set()
+    source = open_source(init)
+    frozen = frozen_paths(trainer.trainable)
+    from_base = covered_paths(source, target) & frozen
+    fresh_frozen = sorted("/".join(p) for p in frozen - from_base)
+    if quantize != "none" and fresh_frozen:
+        raise ConfigError(f"frozen_quantize={quantize!r}: frozen params {fresh_frozen[:3]} are not in init_checkpoint "
+                          f"{init}; only weights read from a checkpoint are quantized")
+    return source, from_base
+
+
+def _check_same_base(meta: dict, base, directory: str, step: int) -> None:
+    """A run resumes on the base it was trained on (its frozen weights are read back from it)."""
+    from ovla_jax.checkpoints.train_dir import base_fingerprint
+
+    recorded = (meta or {}).get("base")
+    if not recorded or base is None:
+        return
+    now = base_fingerprint(base.path)
+    if now != recorded.get("fingerprint"):
+        raise ConfigError(f"{directory}/{step} was trained on the base {recorded.get('path')} (fingerprint "
+                          f"{recorded.get('fingerprint')}); init_checkpoint {base.path} differs ({now}): resume with "
+                          f"the same base, or use a new workdir")
 
 
 def _check_resumable(meta: dict, config, process_count: int, directory: str, step: int) -> None:
@@ -230,17 +292,20 @@ def train(config, workdir: str, *, progress: bool = True,
     trainer, lr, lora, example = setup.trainer, setup.lr, setup.lora, setup.example
     rng = jax.random.PRNGKey(config.seed)
     abstract, shardings = trainer.abstract_state(rng, example)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract.params,
+                          shardings.params)
+    base, from_base = _base_checkpoint(config, trainer, target)
+    ckpt.skip_params = frozenset(from_base)
+    load_progress = progress and pindex == 0
     if latest is not None:
+        _check_same_base(resumed_meta, base, ckpt.directory, latest)
         state, _ = ckpt.restore(abstract, shardings, latest)
+        if from_base:  # the frozen base was not saved: read it back into its form and shards
+            frozen = place(base, _subtree(target, from_base), progress=load_progress, skip_unknown=True)
+            state = state.replace(params=combine(state.params, frozen))
         start = latest
     else:
-        params = None
-        if config.get("init_checkpoint"):
-            from ovla_jax.checkpoints.sharded import load_sharded_params
-
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract.params, shardings.params)
-            params = load_sharded_params(config.init_checkpoint, target, progress=progress and pindex == 0)
+        params = place(base, target, progress=load_progress) if base is not None else None
         state = trainer.init(rng, example, params)
         start = 0
     batch_sh = sharding.batch_sharding(setup.mesh)
@@ -256,6 +321,8 @@ def train(config, workdir: str, *, progress: bool = True,
 
     meta_base = {"config": config_to_hf(model_cfg, norm_stats, "float32", False),
                  "lora": dataclasses.asdict(lora) if lora else None, "dataset_names": names,
+                 "base": base_record(config.init_checkpoint) if from_base else None,
+                 "frozen": dataclasses.asdict(trainer.frozen_form) if trainer.trainable is not None else None,
                  "scan_layers": bool(config.get("scan_layers", False)),
                  "host_batch": host_batch, "process_count": pcount, "train_config": json.loads(config.to_json_best_effort())}
     if pindex == 0:

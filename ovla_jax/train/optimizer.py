@@ -1,7 +1,8 @@
 """AdamW with global-norm clipping, learning-rate schedules, and fine-tuning modes as data.
 
 A mode is a list of regexes over "/"-joined parameter paths: matching params train, the rest are frozen.
-Frozen params get ``optax.set_to_zero`` (no optimizer state at all) under ``optax.multi_transform``.
+The optimizer acts on the trainable subtree only (``ovla_jax.train.frozen.partition``): frozen params
+have no optimizer state at all, and may be stored in low precision or quantized.
 """
 from __future__ import annotations
 
@@ -70,10 +71,10 @@ def schedule(kind: str, lr: float, total_steps: int = 1, warmup_steps: int = 0, 
     raise ValueError(f"unknown schedule {kind!r} (constant, warmup_cosine or step_decay)")
 
 
-def make_optimizer(params, *, lr_schedule, weight_decay: float = 0.0, clip_norm: float = 1.0,
-                   trainable: Sequence[str] = (".*",), accumulate_steps: int = 1, b1: float = 0.9, b2: float = 0.999):
-    """AdamW (decoupled weight decay) after global-norm clipping, on the trainable params only."""
-    adamw = optax.chain(optax.clip_by_global_norm(clip_norm),
-                        optax.adamw(lr_schedule, b1=b1, b2=b2, weight_decay=weight_decay))
-    tx = optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, trainable_labels(params, trainable))
+def make_optimizer(*, lr_schedule, weight_decay: float = 0.0, clip_norm: float = 1.0, accumulate_steps: int = 1,
+                   b1: float = 0.9, b2: float = 0.999):
+    """AdamW (decoupled weight decay) after global-norm clipping, for the trainable params (the step
+    hands it the trainable subtree: clipping sees the trainable gradients' norm)."""
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm),
+                     optax.adamw(lr_schedule, b1=b1, b2=b2, weight_decay=weight_decay))
     return optax.MultiSteps(tx, accumulate_steps) if accumulate_steps > 1 else tx

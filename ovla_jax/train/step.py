@@ -19,8 +19,10 @@ import optax
 
 from ovla_jax import actions as A
 from ovla_jax.data.batch import IGNORE
+from ovla_jax import quantize as Q
 from ovla_jax.models.openvla import OpenVLA
 from ovla_jax.models.param_init import rescale_init
+from ovla_jax.train.frozen import FrozenForm, apply_form, combine, form_shardings, partition
 
 
 @flax.struct.dataclass
@@ -136,26 +138,23 @@ def parallel_loss_and_metrics(params, model: OpenVLA, batch: dict, *, num_datase
 
 def train_step(state: TrainState, batch: dict, *, model: OpenVLA, tx, num_labels: int, num_datasets: int,
                trainable=None):
-    """One update. ``trainable`` (a tree of bools like the params, None = all) marks what trains: frozen
-    params enter the loss through ``stop_gradient``, so their weight gradients (a third of a full
-    step's FLOPs, and memory) are never computed; their optimizer update is zero anyway."""
+    """One update. ``trainable`` (a tree of bools like the params, None = all) marks what trains: the
+    gradient is taken of the trainable subtree only, so frozen params (kept in low precision or
+    quantized: ``ovla_jax.train.frozen``) get no weight gradients (a third of a full step's FLOPs, and
+    memory), no optimizer state and no update; they pass through unchanged. ``tx`` acts on the
+    trainable subtree."""
     loss_fn = partial(loss_and_metrics, model=model, num_labels=num_labels, num_datasets=num_datasets)
-    if trainable is not None:
-        loss_fn = _frozen_outside(loss_fn, trainable)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch=batch, rng=jax.random.fold_in(state.rng, state.step))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    train_params, frozen_params = partition(state.params, trainable)
+
+    def of_trainable(params, **kwargs):
+        return loss_fn(combine(params, frozen_params), **kwargs)
+
+    grad_fn = jax.value_and_grad(of_trainable, has_aux=True)
+    (_, metrics), grads = grad_fn(train_params, batch=batch, rng=jax.random.fold_in(state.rng, state.step))
+    updates, opt_state = tx.update(grads, state.opt_state, train_params)
+    train_params = optax.apply_updates(train_params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def _frozen_outside(loss_fn, trainable):
-    def wrapped(params, **kwargs):
-        params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-        return loss_fn(params, **kwargs)
-
-    return wrapped
+    return state.replace(step=state.step + 1, params=combine(train_params, frozen_params), opt_state=opt_state), metrics
 
 
 def eval_step(params, batch: dict, *, model: OpenVLA, num_labels: int, num_datasets: int):
@@ -164,13 +163,20 @@ def eval_step(params, batch: dict, *, model: OpenVLA, num_labels: int, num_datas
 
 
 def _overlay(base, loaded):
-    """``base`` with every leaf that ``loaded`` has (same path) replaced: loaded weights + fresh adapters."""
+    """``base`` with every leaf that ``loaded`` has (same path) replaced: loaded weights + fresh adapters.
+    Loaded leaves come in their final form (frozen ones cast or quantized by the loader)."""
     flat = flax.traverse_util.flatten_dict(base)
     new = flax.traverse_util.flatten_dict(loaded)
     unknown = sorted("/".join(k) for k in set(new) - set(flat))
     if unknown:
         raise ValueError(f"loaded params hold {len(unknown)} path(s) the model lacks: {unknown[:5]}")
     for k, v in new.items():
+        want = jax.tree.map(lambda x: (x.shape, x.dtype), flat[k])
+        if Q.is_quantized(v) or Q.is_quantized(flat[k]):
+            if jax.tree.map(lambda x: (x.shape, x.dtype), v) != want:
+                raise ValueError(f"loaded param {'/'.join(k)} is {type(v).__name__}; the model expects {want}")
+            flat[k] = v
+            continue
         if v.shape != flat[k].shape:
             raise ValueError(f"loaded param {'/'.join(k)} has shape {v.shape}; the model expects {flat[k].shape}")
         flat[k] = v.astype(flat[k].dtype)
@@ -188,11 +194,12 @@ class Trainer:
     num_datasets: int = 1
     trainable: Any = None  # tree of bools like the params (optimizer.trainable_mask); None = all train
     init_scheme: str = "hf"  # how fresh params are scaled (ovla_jax.models.param_init); loaded ones keep theirs
+    frozen_form: FrozenForm = FrozenForm()  # how frozen params are stored (ovla_jax.train.frozen)
 
     def state_shardings(self, abstract_state: TrainState, boxed_params):
         from ovla_jax import sharding
 
-        param_sh = sharding.param_shardings(boxed_params, self.mesh)
+        param_sh = form_shardings(sharding.param_shardings(boxed_params, self.mesh), abstract_state.params)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         # Optimizer moments (mu, nu, ...) mirror their params' shardings: a state leaf whose dict-key path
         # ends with a param's path takes that param's sharding; counts and other scalars are replicated.
@@ -224,17 +231,23 @@ class Trainer:
     def _make_state(self, rng, example_batch, params):
         init_rng, state_rng = jax.random.split(rng)
         fresh = rescale_init(flax.linen.meta.unbox(self._boxed_init(init_rng, example_batch)), self.init_scheme)
+        fresh = apply_form(fresh, self.trainable, self.frozen_form)
         # Loaded weights replace their fresh counterparts (XLA drops the unused random init); params
         # the checkpoint lacks (LoRA adapters) keep their init.
         params = fresh if params is None else _overlay(fresh, params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+        trainable, _ = partition(params, self.trainable)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(trainable),
                           rng=state_rng)
 
     def init(self, rng, example_batch: dict, params=None) -> TrainState:
         """A TrainState created directly in its shards (nothing materialized on one device). ``params``
-        (e.g. from ``load_sharded_params``, already in their shards) replace the init where given."""
+        (e.g. from the loader, already in their shards and final form) replace the init where given;
+        device arrays are donated, so the state takes their buffers instead of copying them."""
         _, shardings = self.abstract_state(rng, example_batch)
-        return jax.jit(lambda r, p: self._make_state(r, example_batch, p), out_shardings=shardings)(rng, params)
+        # (Host arrays cannot be donated, and jax 0.10 mis-aliases the outputs when asked to.)
+        donate = params is not None and all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+        return jax.jit(lambda r, p: self._make_state(r, example_batch, p), out_shardings=shardings,
+                       donate_argnums=1 if donate else ())(rng, params)
 
     def _on_mesh(self, fn):
         """``fn`` traced with the activation sharding rules over this mesh (see ``sharding.activation_rules``)."""
