@@ -19,6 +19,7 @@ import numpy as np
 
 from ovla_jax import actions as A
 from ovla_jax import quantize as Q
+from ovla_jax.compile_options import weight_loop_options
 from ovla_jax.models.config import OpenVLAConfig, pixel_normalizations
 from ovla_jax.models.scan import is_scanned
 from ovla_jax.models.openvla import OpenVLA, greedy_decode, parallel_decode
@@ -78,9 +79,10 @@ class OpenVLAPolicy:
         # predict_action sends resized uint8 images; the pixel values are looked up inside the call
         # (a quarter of the bytes, and no per-call host arithmetic, which dominated small models).
         self._pixels = pixels = partial(_lookup_pixels, jnp.asarray(F.pixel_table(self.towers)))
-        self._greedy = jax.jit(lambda p, *a: greedy_decode(self.model, p, *a, num_tokens=7))
-        self._greedy_images = jax.jit(lambda p, images, *a: greedy_decode(self.model, p, pixels(images), *a, num_tokens=7))
-        self._parallel_images = jax.jit(lambda p, images, *a: parallel_decode(self.model, p, pixels(images), *a))
+        jit = partial(jax.jit, compiler_options=weight_loop_options())  # one layer's weights dequantized at a time
+        self._greedy = jit(lambda p, *a: greedy_decode(self.model, p, *a, num_tokens=7))
+        self._greedy_images = jit(lambda p, images, *a: greedy_decode(self.model, p, pixels(images), *a, num_tokens=7))
+        self._parallel_images = jit(lambda p, images, *a: parallel_decode(self.model, p, pixels(images), *a))
 
     @classmethod
     def from_pretrained(cls, path: str, tokenizer=None, step: Optional[int] = None,

@@ -37,6 +37,10 @@ def _without_layer_axis(sharding):
     return sharding
 
 
+def _replicated(sharding):
+    return NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else sharding
+
+
 def _kernel_sharding(leaf):
     """Where a quantized leaf's dense kernel would live (its values / packed rows carry the kernel's spec)."""
     return (leaf.values if isinstance(leaf, Q.Int8Weight) else leaf.packed).sharding
@@ -71,6 +75,15 @@ def _set_layer(stack, layer, index):
                         stack, layer)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_columns(leaf, block, start):
+    """Write ``block`` (a quantized kernel's output columns ``start:``) into ``leaf`` in place."""
+    return jax.tree.map(lambda s, x: jax.lax.dynamic_update_slice_in_dim(s, x, start, axis=s.ndim - 1), leaf, block)
+
+
+QUANTIZE_BLOCK = 1 << 24  # elements quantized at once: a 7B LM head (131M) goes in column blocks of ~16M
+
+
 def _host_to_device(host: np.ndarray, sharding, dtype) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index], dtype))
 
@@ -79,13 +92,26 @@ def _final(host: np.ndarray, leaf, stacked: bool):
     """One host tensor (Flax layout, stored dtype) -> ``leaf``'s final form (one layer of it if ``stacked``)."""
     if Q.is_quantized(leaf):
         kernel_sharding = _kernel_sharding(leaf)
-        shardings = _shardings(leaf)
         if stacked:
             kernel_sharding = _without_layer_axis(kernel_sharding)
-            shardings = jax.tree.map(_without_layer_axis, shardings)
+            leaf = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_without_layer_axis(
+                x.sharding)), leaf)
         mode = "int8" if isinstance(leaf, Q.Int8Weight) else "int4"
-        kernel = _host_to_device(host, kernel_sharding, host.dtype)
-        return _quantize(kernel, mode, shardings)
+        shardings = _shardings(leaf)
+        columns = host.shape[-1]
+        width = max(1, QUANTIZE_BLOCK // max(1, host.size // columns))
+        if width >= columns:
+            return _quantize(_host_to_device(host, kernel_sharding, host.dtype), mode, shardings)
+        # Output channels quantize independently (int8: one scale each; int4: per group of rows in each), so a
+        # large kernel goes a block of columns at a time into its final buffer: never a whole fp32 copy.
+        replicated = _replicated(kernel_sharding)  # blocks are small: every device (every process) holds one whole
+        out = _zeros(leaf)
+        for start in range(0, columns, width):
+            block = np.ascontiguousarray(host[..., start:start + width])
+            quantized = _quantize(_host_to_device(block, replicated, block.dtype), mode,
+                                  jax.tree.map(lambda _: replicated, shardings))
+            out = _set_columns(out, quantized, start)
+        return out
     sharding = _without_layer_axis(leaf.sharding) if stacked else leaf.sharding
     return _host_to_device(host, sharding, np.dtype(leaf.dtype))
 

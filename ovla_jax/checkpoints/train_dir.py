@@ -85,7 +85,7 @@ def param_metadata(step_dir: str) -> dict:
     return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in traverse_util.flatten_dict(tree).items()}
 
 
-def _restore_leaves(step_dir: str, paths: list[tuple]) -> dict:
+def restore_leaves(step_dir: str, paths: list[tuple]) -> dict:
     """Just ``paths`` of the params item, as host numpy arrays (orbax partial restore)."""
     item = traverse_util.unflatten_dict({p: np.zeros(0) for p in paths})
     restore_args = traverse_util.unflatten_dict({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
@@ -244,7 +244,7 @@ class TrainSource:
         group = self._groups[src]
         if self._cached_group != group:
             self._cache = {}  # free the previous group before restoring the next
-            self._cache = _restore_leaves(self.step_dir, [p for p, g in self._groups.items() if g == group])
+            self._cache = restore_leaves(self.step_dir, [p for p, g in self._groups.items() if g == group])
             self._cached_group = group
         return self._cache[src]
 

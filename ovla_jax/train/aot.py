@@ -53,9 +53,45 @@ def compile_train_step(config, model_cfg: OpenVLAConfig, devices, num_datasets: 
     setup = build(config, model_cfg, num_datasets, devices)
     abstract, _ = setup.trainer.abstract_state(jax.random.PRNGKey(0), setup.example)
     step = setup.trainer.compile_step(sharding.batch_sharding(setup.mesh))
-    batch = setup.batch_spec(config.batch_size, config.max_length)
+    return _compiled(step, abstract, setup.batch_spec(config.batch_size, config.max_length))
+
+
+def compile_inference(model_cfg: OpenVLAConfig, device, *, dtype: str = "bfloat16", quantize: str = "none",
+                      batch: int = 1, max_length: int = 40) -> CompiledStep:
+    """Lower and compile the policy's prediction (greedy decode of 7 tokens, or OFT's one parallel pass)
+    on one ``device`` with weights in ``dtype`` / ``quantize`` form and scanned layers, as
+    ``OpenVLAPolicy.from_pretrained`` holds a 7B model."""
+    import jax.numpy as jnp
+
+    from ovla_jax.checkpoints.loader import model_target
+    from ovla_jax.compile_options import weight_loop_options
+    from ovla_jax.models.openvla import OpenVLA, greedy_decode, parallel_decode
+
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    params = model_target(model_cfg, dtype=dtype, quantize=quantize, scan=True, sharding=sharding)
+    model = OpenVLA(model_cfg, dtype=jnp.dtype(dtype), scan_layers=True)
+    size = model_cfg.vision[0].image_size
+    channels = 3 * len(model_cfg.vision) * model_cfg.num_images
+
+    def spec(shape, dt):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+
+    inputs = [spec((batch, size, size, channels), jnp.float32), spec((batch, max_length), jnp.int32),
+              spec((batch, max_length), jnp.bool_)]
+    if model_cfg.parallel:
+        inputs.append(spec((batch, max_length), jnp.bool_))
+        if model_cfg.proprio_dim:
+            inputs.append(spec((batch, model_cfg.proprio_dim), jnp.float32))
+        fn = lambda p, *a: parallel_decode(model, p, *a)  # noqa: E731
+    else:
+        fn = lambda p, *a: greedy_decode(model, p, *a, num_tokens=7)  # noqa: E731
+    jitted = jax.jit(fn, compiler_options=weight_loop_options(device.platform))
+    return _compiled(jitted, params, *inputs)
+
+
+def _compiled(jitted, *args) -> CompiledStep:
     start = time.perf_counter()
-    lowered = step.lower(abstract, batch)
+    lowered = jitted.lower(*args)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()

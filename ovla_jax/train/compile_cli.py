@@ -1,5 +1,7 @@
 """``ovla-jax compile --config FILE[:variant] --topology NAME [--config.x=y ...]``: compile the train step
 ahead of time for a TPU slice, on any host, and say whether it fits and how fast it would run.
+``--inference [--dtype bfloat16] [--quantize int8] [--batch 1]``: compile the policy's prediction for one
+chip of the slice instead (the model of the config, weights in that form), and say whether it fits.
 
 It builds exactly what ``ovla-jax train`` builds from the same config (model, remat, scan, optimizer,
 fine-tuning mode, mesh, shardings, batch) over the slice's compile-only TPU devices (libtpu from the
@@ -29,6 +31,13 @@ def _define_flags(fv) -> None:
                       "extrapolated per layer, the full unrolled step (slow; also times its compile), or none",
                       flag_values=fv)
     flags.DEFINE_string("json", None, "also write the report as JSON to this file", flag_values=fv)
+    flags.DEFINE_bool("inference", False, "compile the policy's prediction (one chip) instead of the train step",
+                      flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "--inference: weight / compute dtype",
+                      flag_values=fv)
+    flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"], "--inference: weight-only quantization",
+                      flag_values=fv)
+    flags.DEFINE_integer("batch", 1, "--inference: examples per call", flag_values=fv)
 
 
 def _model_config(config):
@@ -142,12 +151,48 @@ def report(config, topology: str, estimate: str = "unrolled", log=print, label: 
     return out
 
 
+def inference_report(config, topology: str, dtype: str, quantize: str, batch: int, log=print) -> dict:
+    """Compile the policy's prediction for one chip of ``topology``; returns the report."""
+    from ovla_jax.checkpoints.loader import num_params
+    from ovla_jax.train import aot
+    from ovla_jax.train.topology import parse_slice, slice_devices
+
+    tpu = parse_slice(topology)
+    device = slice_devices(tpu)[0]
+    model_cfg = _model_config(config)
+    log(f"compiling the policy's prediction ({dtype}, quantize {quantize}, batch {batch}) for one {tpu.chip.generation} "
+        f"chip ...")
+    compiled = aot.compile_inference(model_cfg, device, dtype=dtype, quantize=quantize, batch=batch,
+                                     max_length=config.get("max_length", 40))
+    return {"inference": True, "topology": tpu.name, "chip": tpu.chip.generation,
+            "hbm_gib_per_chip": tpu.chip.hbm_bytes / GIB, "params": num_params(model_cfg), "dtype": dtype,
+            "quantize": quantize, "batch": batch, "action_head": model_cfg.action_head,
+            "compile_seconds": compiled.seconds,
+            "memory_gib": {"weights": compiled.argument_bytes / GIB, "temporaries": compiled.temp_bytes / GIB,
+                           "outputs": compiled.output_bytes / GIB, "code": compiled.code_bytes / GIB,
+                           "total": compiled.total_bytes / GIB},
+            "fits": compiled.total_bytes <= tpu.chip.hbm_bytes}
+
+
+def format_inference_report(r: dict) -> str:
+    mem = r["memory_gib"]
+    return "\n".join([
+        f"chip          one {r['chip']} chip ({r['topology']}): {r['hbm_gib_per_chip']:.2f} GiB usable HBM",
+        f"model         {r['params'] / 1e9:.2f}B params, action head {r['action_head']}; weights {r['dtype']}, "
+        f"quantize {r['quantize']}; batch {r['batch']}",
+        f"compile       {r['compile_seconds']:.1f} s",
+        f"memory/chip   weights and inputs {mem['weights']:.2f} GiB, temporaries {mem['temporaries']:.2f} GiB, outputs "
+        f"{mem['outputs']:.3f} GiB, code {mem['code']:.2f} GiB: total {mem['total']:.2f} of {r['hbm_gib_per_chip']:.2f} GiB "
+        f"({100 * mem['total'] / r['hbm_gib_per_chip']:.0f}%): {'fits' if r['fits'] else 'does NOT fit'}",
+    ])
+
+
 def format_report(r: dict) -> str:
     mem = r["memory_gib_per_chip"]
     mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
     lines = [
-        f"topology      {r['topology']} = {r['topology_name']}: {r['chips']} chips, {r['hbm_gib_per_chip']:.0f} GiB "
-        f"HBM and {r['peak_bf16_tflops_per_chip']:.0f} bf16 TFLOP/s each",
+        f"topology      {r['topology']} = {r['topology_name']}: {r['chips']} chips, {r['hbm_gib_per_chip']:.2f} GiB "
+        f"usable HBM and {r['peak_bf16_tflops_per_chip']:.0f} bf16 TFLOP/s each",
         f"model         {r['params'] / 1e9:.2f}B params, {r['trainable_params'] / 1e9:.3f}B trained (mode {r['mode']}); "
         f"scan_layers={r['scan_layers']}, remat={r['remat']}, compute {r['dtype']}",
         f"step          global batch {r['batch_size']} ({r['batch_size'] / r['chips']:g} per chip), sequence "
@@ -157,7 +202,7 @@ def format_report(r: dict) -> str:
            and r["scan_layers"] else ""),
         f"memory/chip   arguments {mem['arguments']:.2f} GiB, outputs {mem['outputs']:.2f} GiB "
         f"({mem['aliased']:.2f} GiB aliased to donated arguments), temporaries {mem['temporaries']:.2f} GiB, "
-        f"code {mem['code']:.2f} GiB: total {mem['total']:.2f} of {r['hbm_gib_per_chip']:.0f} GiB "
+        f"code {mem['code']:.2f} GiB: total {mem['total']:.2f} of {r['hbm_gib_per_chip']:.2f} GiB "
         f"({100 * mem['total'] / r['hbm_gib_per_chip']:.0f}%)",
         f"model FLOPs   {r['model_flops_per_step']:.3e} per step ({r['model_flops_per_example']:.3e} per example)",
         f"              {r['model_flops_formula']}",
@@ -176,6 +221,13 @@ def format_report(r: dict) -> str:
             f"throughput    {r['examples_per_second']:.0f} examples/s; {r['num_steps']} steps = {r['days']:.2f} days",
         ]
     return "\n".join(lines)
+
+
+def _hint(inference: bool) -> str:
+    if inference:
+        return "--quantize int8 / int4, a smaller --batch, or a chip with more HBM"
+    return ("--config.remat=full, --config.frozen_quantize=int8 (LoRA), a larger fsdp mesh axis, a smaller batch_size "
+            "or a bigger slice")
 
 
 def run(argv: list[str]) -> int:
@@ -197,28 +249,33 @@ def run(argv: list[str]) -> int:
 
     try:
         parse_slice(fv.topology)
-        r = report(fv.config, fv.topology, fv.estimate, log=lambda m: print(m, flush=True), label=_config_path(argv))
+        if fv.inference:
+            if fv.batch < 1:
+                raise ValueError(f"--batch must be >= 1, got {fv.batch}")
+            r = inference_report(fv.config, fv.topology, fv.dtype, fv.quantize, fv.batch,
+                                 log=lambda m: print(m, flush=True))
+        else:
+            r = report(fv.config, fv.topology, fv.estimate, log=lambda m: print(m, flush=True), label=_config_path(argv))
     except (ValueError, ConfigError, DataError) as e:
         print(f"compile: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         message = str(e)
         if "RESOURCE_EXHAUSTED" in message or "Ran out of memory" in message:
-            print(f"compile: does not fit on {fv.topology}: {message.splitlines()[0]}\n"
-                  f"  try: --config.remat=full, a larger fsdp mesh axis, a smaller batch_size or a bigger slice",
+            print(f"compile: does not fit on {fv.topology}: {message.splitlines()[0]}\n  try: {_hint(fv.inference)}",
                   file=sys.stderr)
             return 1
         print(f"compile: error: {message}", file=sys.stderr)
         return 2
-    print(format_report(r))
+    print(format_inference_report(r) if fv.inference else format_report(r))
     if fv.json:
         from ovla_jax import fileio
 
         fileio.write_text(fv.json, json.dumps(r, indent=2))
     if not r["fits"]:
-        mem = r["memory_gib_per_chip"]["total"]
-        print(f"compile: does not fit: the step needs {mem:.2f} GiB per chip, a {r['chip']} chip has "
-              f"{r['hbm_gib_per_chip']:.0f} GiB (short by {mem - r['hbm_gib_per_chip']:.2f} GiB); try "
-              f"--config.remat=full, a larger fsdp mesh axis, a smaller batch_size or a bigger slice", file=sys.stderr)
+        mem = (r["memory_gib"] if fv.inference else r["memory_gib_per_chip"])["total"]
+        print(f"compile: does not fit: {'the prediction' if fv.inference else 'the step'} needs {mem:.2f} GiB per "
+              f"chip, a {r['chip']} chip has {r['hbm_gib_per_chip']:.2f} GiB (short by "
+              f"{mem - r['hbm_gib_per_chip']:.2f} GiB); try {_hint(fv.inference)}", file=sys.stderr)
         return 1
     return 0

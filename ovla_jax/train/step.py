@@ -263,10 +263,17 @@ class Trainer:
         step = partial(train_step, model=self.model, tx=self.tx, num_labels=self.num_labels,
                        num_datasets=self.num_datasets, trainable=self.trainable)
         self.step = jax.jit(self._on_mesh(step), in_shardings=(self.shardings, batch_sharding),
-                            out_shardings=(self.shardings, None), donate_argnums=(0,))
+                            out_shardings=(self.shardings, None), donate_argnums=(0,),
+                            compiler_options=self._compiler_options())
         return self.step
+
+    def _compiler_options(self):
+        from ovla_jax.compile_options import weight_loop_options
+
+        return weight_loop_options(self.mesh.devices.flat[0].platform)
 
     def compile_eval(self, batch_sharding):
         fn = partial(eval_step, model=self.model, num_labels=self.num_labels, num_datasets=self.num_datasets)
-        self.eval = jax.jit(self._on_mesh(fn), in_shardings=(self.shardings.params, batch_sharding))
+        self.eval = jax.jit(self._on_mesh(fn), in_shardings=(self.shardings.params, batch_sharding),
+                            compiler_options=self._compiler_options())
         return self.eval

@@ -20,17 +20,19 @@ GIB = 1024 ** 3
 class Chip:
     generation: str
     peak_bf16: float  # FLOP/s per chip (per JAX device)
-    hbm_bytes: int  # per chip (per JAX device)
+    hbm_bytes: int  # per chip (per JAX device): what libtpu makes available to a program (its OOM message)
     cores_in_name: int  # TensorCores per chip as counted by the accelerator-type name
     dims: int  # torus dimensions (3 for v4/v5p, 2 for v5e/v6e)
     chip_config: str  # "megacore": both cores of a chip form one device
 
 
+# HBM: the usable amount libtpu reports ("available HBM") when a compile does not fit (libtpu 0.0.42):
+# of the nominal 32 / 96 / 16 / 32 GiB.
 CHIPS = {
-    "v4": Chip("v4", 275e12, 32 * GIB, 2, 3, "megacore"),
-    "v5p": Chip("v5p", 459e12, 95 * GIB, 2, 3, "megacore"),
-    "v5e": Chip("v5e", 197e12, 16 * GIB, 1, 2, "default"),
-    "v6e": Chip("v6e", 918e12, 32 * GIB, 1, 2, "default"),
+    "v4": Chip("v4", 275e12, int(30.75 * GIB), 2, 3, "megacore"),
+    "v5p": Chip("v5p", 459e12, int(95.74 * GIB), 2, 3, "megacore"),
+    "v5e": Chip("v5e", 197e12, int(15.75 * GIB), 1, 2, "default"),
+    "v6e": Chip("v6e", 918e12, int(31.25 * GIB), 1, 2, "default"),
 }
 
 
@@ -107,8 +109,8 @@ def slice_devices(tpu: Slice):
         raise RuntimeError("compiling for a TPU slice needs libtpu: pip install -e '.[tpu]' (no TPU needed)")
     from jax.experimental import topologies
     kwargs = dict(chip_config_name=tpu.chip.chip_config, num_slices=1)
-    if tpu.chips >= 4:
-        kwargs["chips_per_host_bounds"] = (2, 2, 1)
+    # A host holds up to 2x2x1 chips; a smaller slice (v5e-1, v6e-1, v5e-2, ...) is one host of its own shape.
+    kwargs["chips_per_host_bounds"] = (2, 2, 1) if tpu.chips >= 4 else tuple(tpu.shape) + (1,) * (3 - len(tpu.shape))
     if tpu.chip.dims == 3:
         # Slices made of whole 4x4x4 cubes are tori (wraparound links); smaller ones are meshes.
         kwargs["wrap"] = tuple(all(d % 4 == 0 for d in tpu.shape) for _ in tpu.shape)
