@@ -17,6 +17,7 @@ setup(
         "numpy",
         "ml_dtypes",
         "safetensors>=0.4",
+        "tokenizers>=0.15",  # HF tokenizer dirs (tokenizer.json) without transformers / PyTorch
         "tqdm",
         "tensorflow-cpu",
         "tensorflow-datasets",

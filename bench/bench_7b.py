@@ -105,7 +105,7 @@ def serve(path: str, dtype: str, quantize: str) -> dict:
         t = time.perf_counter()
         answer = requests.post(url + "/act", data=body, headers={"Content-Type": "application/json"}, timeout=600)
         row["act_s"] = time.perf_counter() - t
-        row["ok"] = answer.ok and np.isfinite(np.asarray(json_numpy.loads(answer.text))).all()
+        row["ok"] = bool(answer.ok and np.isfinite(np.asarray(json_numpy.loads(answer.text))).all())
     except Exception as e:  # the server died or never came up: its log says why
         row["ok"], row["error"] = False, f"{e}\n{child.output()[-1500:]}"
     finally:
@@ -143,7 +143,8 @@ def train(path: str, workdir: str, batch: int, quantize: str, steps: int, peak_f
     history = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     step_s = [1 / h["train/steps_per_second"] for h in history if "train/steps_per_second" in h]
-    row.update(losses=losses, first_step_s=step_s[0], finite=bool(np.all(np.isfinite(losses))))
+    row.update(losses=[float(x) for x in losses], first_step_s=float(step_s[0]),
+               finite=bool(np.all(np.isfinite(losses))))
     if len(step_s) > 1:
         row["step_s"] = float(np.median(step_s[1:]))
         config = read_config(path)[0]
@@ -152,8 +153,12 @@ def train(path: str, workdir: str, batch: int, quantize: str, steps: int, peak_f
         row["flops_per_s"] = per_example * batch / row["step_s"]
         row["fraction_of_bf16_peak"] = row["flops_per_s"] / peak_flops
     stored = ocp.PyTreeCheckpointer().restore(os.path.join(resolve(workdir), "params"))
-    adapters_b = [np.abs(np.asarray(v)).max() for k, v in traverse_util.flatten_dict(stored).items() if k[-1] == "lora_b"]
-    row["adapters_changed"] = bool(adapters_b) and min(adapters_b) > 0  # lora_b starts at zero
+    # lora_b starts at zero, so a nonzero one was trained; SigLIP's attention-pool head is in the checkpoint
+    # (and adapted, as PEFT's all-linear does) but unused by OpenVLA: its adapters get no gradient.
+    adapters_b = [float(np.abs(np.asarray(v)).max()) for k, v in traverse_util.flatten_dict(stored).items()
+                  if k[-1] == "lora_b" and "attn_pool" not in k]
+    row["adapters_changed"] = f"{sum(x > 0 for x in adapters_b)} of {len(adapters_b)} lora_b tensors"
+    row["ok"] = bool(row["finite"] and adapters_b and all(x > 0 for x in adapters_b))
     row["checkpoint_mib"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(resolve(workdir))
                                 for f in fs) / 2 ** 20
     return row

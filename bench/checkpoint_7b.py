@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ovla_jax.checkpoints import hf  # noqa: E402
 from ovla_jax.models.config import openvla_config, tiny_openvla_config  # noqa: E402
+from ovla_jax.tokenizer import write_llama_style_tokenizer  # noqa: E402
 
 GIB = 1024 ** 3
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ovla_jax", "bench", "openvla-7b-random")
@@ -45,19 +46,6 @@ def _random_tensor(entry: hf.Entry, rng) -> np.ndarray:
     return (rng.standard_normal(entry.jax_shape, np.float32) * 0.02).astype(BF16)
 
 
-def write_tokenizer(path: str, texts) -> None:
-    """A small Llama-style (BOS-prefixed, word-level) HF tokenizer over ``texts``: ids far below the
-    model's 32000 text ids, so the action tokens stay the last 256 as for the real one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
-
-
 def write_random_checkpoint(path: str, model: str = "7b", seed: int = 0, progress: bool = True) -> float:
     """Write (atomically) an HF checkpoint dir with random bf16 weights, the official config.json with
     action statistics for ``bridge_orig``, and a tokenizer. Returns the weights' GiB."""
@@ -68,10 +56,12 @@ def write_random_checkpoint(path: str, model: str = "7b", seed: int = 0, progres
                                         "mask": [True] * 6 + [False], "mean": [0.0] * 7, "std": [0.01] * 7,
                                         "min": [-0.1] * 6 + [0.0], "max": [0.1] * 6 + [1.0]},
                              "num_transitions": 0, "num_trajectories": 0}}
-    staging = path + ".tokenizer"
-    words = ["In: What action should the robot take to ?\nOut:", "pick up put place move open close the a on in",
-             "red green blue block cup spoon towel drawer pot sink knife carrot eggplant left right of to"]
-    write_tokenizer(staging, words)
+    staging = path + ".tokenizer"  # a small Llama-style tokenizer (the real one cannot be downloaded here)
+    words = ["In: What action should the robot take to pick up the red block?\nOut: ",
+             "put place move open close the a on in of to left right front back top bottom",
+             "green blue yellow block cup spoon towel drawer pot sink knife carrot eggplant cloth bowl"] * 4
+    # Text ids stay below the action tokens (the last 256 of the model's vocabulary): tiny has 64 of them.
+    write_llama_style_tokenizer(staging, words, vocab_size=60 if model != "7b" else 1000)
     hf.write_checkpoint(path, hf.HF, config, stats, entries, {e.path: BF16 for e in entries},
                         lambda e: _random_tensor(e, rng), carry_from=staging, progress=progress)
     for name in os.listdir(staging):

@@ -23,7 +23,7 @@ from ovla_jax.compile_options import weight_loop_options
 from ovla_jax.models.config import OpenVLAConfig, pixel_normalizations
 from ovla_jax.models.scan import is_scanned
 from ovla_jax.models.openvla import OpenVLA, greedy_decode, parallel_decode
-from ovla_jax.data import frames as F
+from ovla_jax.data import pixels as F
 from ovla_jax.data.batch import prompt_ids
 
 

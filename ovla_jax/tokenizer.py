@@ -5,6 +5,7 @@ Either way the action tokens are the last 256 ids below ``vocab_size`` (see ``ov
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Protocol, Sequence
 
 
@@ -75,26 +76,98 @@ class WordTokenizer:
 
 
 class HFTokenizer:
-    """A tokenizer dir readable by ``transformers.AutoTokenizer`` (local files only)."""
+    """A local HF tokenizer dir (the openvla-7b download carries one). ``tokenizer.json`` is read with the
+    ``tokenizers`` library, the engine of transformers' fast tokenizers: no PyTorch (0.6 GB of memory a
+    7B run on one machine cannot spare), no remote-code prompt. Llama tokenizers get BOS / EOS as
+    ``tokenizer_config.json``'s ``add_bos_token`` / ``add_eos_token`` say, which is what
+    ``LlamaTokenizerFast`` did on loading in the transformers 4.x that OpenVLA was trained with (4.40;
+    transformers 5 rebuilds Llama tokenizers its own way). A dir with only a slow (sentencepiece)
+    tokenizer goes through transformers.
 
-    def __init__(self, path: str, vocab_size: Optional[int] = None, empty_token_id: Optional[int] = 29871):
+    ``empty_token_id``: the lone "▁" token the OpenVLA prompt ends with (29871 for Llama-2), looked up
+    in this tokenizer; None when it has none (then nothing is appended)."""
+
+    def __init__(self, path: str, vocab_size: Optional[int] = None, empty_token_id: Optional[int] = -1):
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+        config.update({k: v for k, v in _read_json(os.path.join(path, "special_tokens_map.json")).items()
+                       if k not in config or config[k] is None})
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            self._from_json(path, config)
+        else:
+            self._from_transformers(path)
+        self.vocab_size = vocab_size or self._base_vocab
+        if self.pad_id is None:
+            self.pad_id = self.vocab_size
+        self.empty_token_id = self._id("\u2581") if empty_token_id == -1 else empty_token_id
+
+    def _from_json(self, path: str, config: dict) -> None:
+        from tokenizers import Tokenizer, processors
+
+        tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        bos, eos, pad = (_token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+        if "Llama" in str(config.get("tokenizer_class", "")):
+            add_bos, add_eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
+            single = " ".join(([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else []))
+            pair = single + " " + " ".join(([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else []))
+            special = [(t, tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+            tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+        self._tok, self._id = tok, tok.token_to_id
+        self._base_vocab = tok.get_vocab_size(with_added_tokens=False)
+        self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
+        self.pad_id = tok.token_to_id(pad) if pad else None
+        self._encode = lambda text: tok.encode(text, add_special_tokens=True).ids
+
+    def _from_transformers(self, path: str) -> None:
         from transformers import AutoTokenizer
 
-        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.vocab_size = vocab_size or self._tok.vocab_size
-        self.bos_id, self.eos_id = self._tok.bos_token_id, self._tok.eos_token_id
-        self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.vocab_size
-        self.empty_token_id = empty_token_id
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        self._base_vocab = tok.vocab_size
+        self.bos_id, self.eos_id, self.pad_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        self._id = lambda t: tok.convert_tokens_to_ids(t) if t in tok.get_vocab() else None
+        self._encode = lambda text: list(tok(text, add_special_tokens=True)["input_ids"])
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok(text, add_special_tokens=True)["input_ids"])
+        return list(self._encode(text))
+
+
+def write_llama_style_tokenizer(path: str, texts: Sequence[str], vocab_size: int = 512) -> None:
+    """A small tokenizer dir shaped like Llama-2's (BPE over "▁"-joined words, "▁" prepended, <unk> <s>
+    </s> as ids 0-2, BOS added by tokenizer_config.json), trained on ``texts``: for tests, benches and
+    models trained from scratch, where the real one cannot be downloaded. Loads with :class:`HFTokenizer`
+    and with transformers' ``AutoTokenizer`` alike."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"]))
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+              "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 2048, "legacy": True}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _token_text(token) -> Optional[str]:
+    """A special token as tokenizer_config.json / special_tokens_map.json write it: a string or {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def make_tokenizer(spec: str, vocab_size: int, n_action_bins: int = 256) -> Tokenizer:
     """``char`` / ``words`` (the built-in tiny tokenizers over a model's ``vocab_size``) or a local HF
     tokenizer dir (what a training config's ``tokenizer`` and a checkpoint record)."""
-    import os
-
     if spec in ("char", "words"):
         cls = CharTokenizer if spec == "char" else WordTokenizer
         return cls(vocab_size=vocab_size, n_action_bins=n_action_bins)

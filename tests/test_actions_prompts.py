@@ -76,3 +76,33 @@ def test_normalizations_by_name_round_trip_and_bounds_uses_min_max():
 
     with pytest.raises(ValueError, match="normalization"):
         A.normalize(x, stats, "minmax")
+
+
+def test_hf_tokenizer_dirs_load_without_transformers_as_llama_fast_tokenizers_did(tmp_path):
+    """tokenizer.json through the tokenizers library: BOS per add_bos_token (no EOS), the "▁" empty token
+    looked up in the vocabulary, special tokens given as strings or {"content": ...} objects."""
+    import json
+    import subprocess
+    import sys
+
+    from ovla_jax.prompts import vla_prompt
+    from ovla_jax.tokenizer import HFTokenizer, make_tokenizer, write_llama_style_tokenizer
+
+    texts = [vla_prompt(f"{verb} the {color} block") for verb in ("pick up", "push", "lift")
+             for color in ("red", "blue", "green")]
+    write_llama_style_tokenizer(str(tmp_path / "tok"), texts, vocab_size=120)
+    tok = make_tokenizer(str(tmp_path / "tok"), vocab_size=384)
+    assert isinstance(tok, HFTokenizer) and (tok.bos_id, tok.eos_id, tok.vocab_size, tok.pad_id) == (1, 2, 384, 384)
+    ids = tok.encode(vla_prompt("pick up the red block"))
+    assert ids[0] == 1 and 2 not in ids and 0 not in ids  # BOS, no EOS, every piece known
+    assert tok.empty_token_id is not None and tok.empty_token_id == tok._tok.token_to_id("\u2581")
+    assert tok._tok.decode(ids[1:]) == vla_prompt("pick up the red block").rstrip()
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    config.update(add_bos_token=False, bos_token={"content": "<s>", "lstrip": False}, pad_token="</s>")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = HFTokenizer(str(tmp_path / "tok"))
+    assert plain.encode(vla_prompt("pick up the red block")) == ids[1:] and plain.bos_id == 1 and plain.pad_id == 2
+    probe = (f"import sys; from ovla_jax.tokenizer import HFTokenizer; HFTokenizer({str(tmp_path / 'tok')!r}).encode('x'); "
+             f"print('transformers' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]  # neither is imported to tokenize
