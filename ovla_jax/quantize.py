@@ -156,6 +156,12 @@ def dequantize(params, dtype=jnp.float32):
     return jax.tree.map(lambda x: dequantize_weight(x, dtype), params, is_leaf=is_quantized)
 
 
+def column_slice(x, start: int, stop: int):
+    """Output columns ``start:stop`` of a quantized kernel, still quantized (every part ends with the
+    output axis)."""
+    return jax.tree.map(lambda a: a[..., start:stop], x)
+
+
 def sharding_like_kernel(kernel_sharding, leaf):
     """Shardings for a quantized leaf whose dense kernel would take ``kernel_sharding`` (a NamedSharding):
     int8 values as the kernel, scales as its output axis; int4's packed rows and group scales keep the

@@ -166,3 +166,49 @@ def test_two_processes_train_survive_sigterm_to_one_and_resume_bitwise(tmp_path)
     assert a.keys() == b.keys()
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+
+
+@pytest.mark.slow  # minutes on 2 cores: CI runs it after the default suite
+@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="Bridge sample not in ../shared")
+def test_two_processes_train_qlora_on_an_int8_base_and_resume(tmp_path):
+    """QLoRA across processes: each of 2 processes x 4 devices reads its shards of the bf16 base checkpoint
+    straight into int8 (fsdp, scanned layers, remat), both save the adapters alone, and a rerun reads the
+    base back and resumes; the export merges into the base."""
+    from flax import traverse_util
+
+    from ovla_jax.checkpoints import hf
+    from ovla_jax.checkpoints.train_dir import param_metadata, resolve
+    from ovla_jax.models.config import tiny_openvla_config
+    from tests.helpers import random_params
+
+    config = tiny_openvla_config()
+    base = str(tmp_path / "base")
+    hf.save_hf_checkpoint(base, config, random_params(config, seed=2, scale=0.05), {}, dtype="bfloat16")
+    workdir = tmp_path / "qlora"
+
+    def run(steps):
+        args = ["launch/local.sh", "2", "--", "--config", "configs/train/debug.py:lora", "--workdir", str(workdir),
+                f"--config.num_steps={steps}", "--config.save_every=3", "--config.eval_every=0", "--config.log_every=1",
+                f"--config.init_checkpoint={base}", "--config.frozen_quantize=int8", "--config.scan_layers=true",
+                "--config.remat=full", "--config.dtype=bfloat16", f"--config.data.stats_cache_dir={tmp_path / 'stats'}"]
+        env = dict(os.environ, PYTHON=sys.executable)
+        env.pop("XLA_FLAGS", None)
+        out = subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        logs = [(workdir / "logs" / f"process-{i}.log").read_text() for i in (0, 1)]
+        assert out.returncode == 0 and all("Traceback" not in log for log in logs), (out.stderr[-2000:], logs)
+        return out
+
+    run(3)
+    stored = param_metadata(resolve(str(workdir)))
+    assert stored and all(p[-1] in ("lora_a", "lora_b") for p in stored)  # the int8 base is not saved
+    out = run(6)
+    assert "resumed from" in out.stdout
+    losses = [json.loads(line)["train/loss"] for line in open(workdir / "metrics.jsonl") if "train/loss" in line]
+    assert len(losses) == 6 and np.isfinite(losses).all()
+    from ovla_jax.convert import convert
+
+    convert(str(workdir), str(tmp_path / "export"), "train", "hf", progress=False)
+    exported = traverse_util.flatten_dict(hf.load_hf_checkpoint(str(tmp_path / "export"))[1])
+    original = traverse_util.flatten_dict(hf.load_hf_checkpoint(base)[1])
+    changed = [k for k in original if not np.array_equal(exported[k], original[k])]
+    assert changed and all(k[-1] == "kernel" for k in changed)  # adapters merged into kernels, the rest as it was

@@ -81,3 +81,25 @@ def test_quantized_policy_tracks_fp32(mode, tolerance):
     # move by about that, relative, per layer (random weights: no layer is robust to it by training).
     scale = np.abs(want).max()
     assert 0 < np.abs(got - want).max() < tolerance * scale
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_large_quantized_kernels_multiply_a_block_of_columns_at_a_time(mode, monkeypatch):
+    """A quantized kernel over ``QUANTIZED_BLOCK`` weights (the 7B LM head) is converted and multiplied a
+    block of output columns at a time, each block after the last: the same product as in one piece."""
+    import flax
+    import jax.numpy as jnp
+
+    from ovla_jax.models import layers
+
+    dense = layers.dense(48, ("embed", "mlp"), dtype=jnp.float32)
+    x = np.random.default_rng(0).normal(size=(2, 5, 256)).astype(np.float32)
+    params = flax.linen.meta.unbox(dense.init(jax.random.PRNGKey(0), x)["params"])
+    params = {"kernel": Q.quantize_leaf(np.asarray(params["kernel"]), mode), "bias": params["bias"]}
+    whole = np.asarray(dense.apply({"params": params}, x))
+    monkeypatch.setattr(layers, "QUANTIZED_BLOCK", 256 * 10)  # 5 blocks of 9-10 columns
+    blocks = jax.make_jaxpr(lambda p, x: dense.apply({"params": p}, x))(params, x)
+    assert sum(eqn.primitive.name == "dot_general" for eqn in blocks.eqns) == 5
+    np.testing.assert_allclose(np.asarray(dense.apply({"params": params}, x)), whole, rtol=1e-6, atol=1e-6)
+    want = x @ np.asarray(Q.dequantize_weight(params["kernel"]))
+    np.testing.assert_allclose(whole, want, rtol=1e-5, atol=1e-5)

@@ -58,7 +58,7 @@ class Dense(nn.Module):
     def __call__(self, x):
         d_in, (in_axis, out_axis) = x.shape[-1], self.axes
         x = x.astype(self.dtype)
-        y = matmul(x, self._kernel(d_in))
+        y = self._product(x, d_in)
         if self.lora is not None:
             r = self.lora.rank
             a = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.normal(1.0 / r), (in_axis, None)),
@@ -76,18 +76,47 @@ class Dense(nn.Module):
             y = y + bias.astype(y.dtype)
         return y.astype(self.out_dtype or self.dtype)
 
-    def _kernel(self, d_in: int):
-        """The kernel [in, out] in the compute dtype (dequantized when it is stored quantized)."""
+    def _product(self, x, d_in: int):
+        """``x @ kernel`` accumulated in fp32. An int8 kernel's per-column scale multiplies the product
+        (``x @ (q * s) == (x @ q) * s``): the weights are only converted, exactly (|q| <= 127), never
+        scaled, so there is one pass less over them and no rounding of ``q * s`` to the compute dtype."""
         if self.has_variable("params", "kernel"):
             stored = self.get_variable("params", "kernel")
             if Q.is_quantized(stored):
                 if stored.kernel_shape != (d_in, self.features):
                     raise ValueError(f"{'/'.join(self.scope.path)}: quantized kernel holds {stored.kernel_shape}, "
                                      f"the layer needs {(d_in, self.features)}")
-                return Q.dequantize_weight(stored, self.dtype)
+                # A huge kernel (the 7B LM head) goes a block of output columns at a time: its converted
+                # copy (f32 where XLA:CPU upcasts a one-token product) is a block's, not the whole head's.
+                blocks = -(-d_in * self.features // QUANTIZED_BLOCK)
+                edges = [self.features * i // blocks for i in range(blocks + 1)]
+                parts = []
+                for lo, hi in zip(edges[:-1], edges[1:]):
+                    after = parts[-1] if parts else None
+                    parts.append(_quantized_product(x, Q.column_slice(stored, lo, hi), self.dtype, after))
+                return jnp.concatenate(parts, axis=-1)
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                             (d_in, self.features), self.param_dtype)
-        return kernel.astype(self.dtype)
+        return matmul(x, kernel.astype(self.dtype))
+
+
+QUANTIZED_BLOCK = 1 << 25  # weights of a quantized kernel converted at once (the 7B LM head: 4 blocks)
+
+
+def _quantized_product(x, stored, dtype, after=None):
+    """``x @ kernel`` of a quantized kernel in fp32. ``after``: a previous block's product that this block's
+    conversion must wait for. XLA:CPU converts every block up front otherwise (its scheduler does not
+    minimize memory here, and it drops optimization barriers), so the wait is a data dependence: a zero,
+    ``min(|after[0]|, 0)``, added to the converted weights (exact; only a NaN would propagate, as it
+    would through the product anyway)."""
+    if isinstance(stored, Q.Int8Weight):
+        kernel = stored.values.astype(dtype)
+    else:
+        kernel = Q.dequantize_weight(stored, dtype)  # int4: its scales vary along the rows
+    if after is not None:
+        kernel = kernel + jnp.minimum(jnp.abs(after[(0,) * after.ndim]), 0).astype(dtype)
+    product = matmul(x, kernel)
+    return product * stored.scale if isinstance(stored, Q.Int8Weight) else product
 
 
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype: Dtype = jnp.float32,
