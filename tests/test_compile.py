@@ -63,6 +63,45 @@ def test_compile_reports_that_a_program_does_not_fit(monkeypatch, capsys):
     assert code == 1 and "does not fit" in err and re.search(r"short by [\d.]+ GiB", err), err
 
 
+def test_unusable_cost_model_time_falls_back_to_the_roofline(monkeypatch, tmp_path, capsys):
+    """libtpu's v4 and v5e cost models give negative step times for the 7B step: the report says so and
+    bounds the step by the roofline of the FLOPs and bytes XLA counted, labelled as a bound."""
+    pytest.importorskip("libtpu")
+    import dataclasses
+
+    from ovla_jax.train import aot, compile_cli, topology
+
+    real = aot._compiled
+    monkeypatch.setattr(aot, "_compiled", lambda *a: dataclasses.replace(real(*a), xla_seconds=-137.9))
+    out = tmp_path / "r.json"
+    assert compile_cli.run(["--config", DEBUG, "--topology", "v5e-4", "--config.remat=full",
+                            f"--json={out}"]) == 0
+    text = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    chip = topology.CHIPS["v5e"]
+    assert r["xla_step_seconds_unusable"] == -137.9 and "xla_step_seconds" not in r and "mfu" not in r
+    per_chip_flops = r["xla_flops_per_step"] / r["chips"]
+    assert per_chip_flops > 0 and r["xla_bytes_per_chip"] > 0
+    assert r["roofline_step_seconds"] == pytest.approx(
+        max(per_chip_flops / chip.peak_bf16, r["xla_bytes_per_chip"] / chip.hbm_bandwidth))
+    assert r["roofline_mfu"] == pytest.approx(
+        r["model_flops_per_step"] / (r["chips"] * chip.peak_bf16 * r["roofline_step_seconds"]))
+    assert "unavailable" in text and "roofline" in text and "MFU           <=" in text
+
+
+def test_the_fit_hint_leaves_out_what_the_config_already_does():
+    from ml_collections import config_dict
+
+    from ovla_jax.train.compile_cli import _hint
+
+    assert "remat=full" in _hint(False, config_dict.ConfigDict({"remat": "dots", "mode": "lora",
+                                                                "frozen_quantize": "none"}))
+    done = _hint(False, config_dict.ConfigDict({"remat": "full", "mode": "lora", "frozen_quantize": "int8"}))
+    assert "remat=full" not in done and "frozen_quantize=int4" in done
+    full = _hint(False, config_dict.ConfigDict({"remat": "full", "mode": "full", "frozen_quantize": "none"}))
+    assert "frozen_quantize" not in full and "fsdp" in full
+
+
 @pytest.fixture(scope="module")
 def tpu():
     pytest.importorskip("libtpu")

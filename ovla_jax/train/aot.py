@@ -34,6 +34,7 @@ class CompiledStep:
     code_bytes: int
     xla_flops: Optional[float]  # per chip, as XLA counts them (loop bodies once)
     xla_seconds: Optional[float]  # XLA's estimated step time ("optimal_seconds")
+    xla_bytes: Optional[float] = None  # per chip, memory traffic as XLA counts it ("bytes accessed")
 
     @property
     def seconds(self) -> float:
@@ -105,7 +106,8 @@ def _compiled(jitted, *args) -> CompiledStep:
         alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
         code_bytes=int(memory.generated_code_size_in_bytes),
         xla_flops=float(cost["flops"]) if "flops" in cost else None,
-        xla_seconds=float(cost["optimal_seconds"]) if "optimal_seconds" in cost else None)
+        xla_seconds=float(cost["optimal_seconds"]) if "optimal_seconds" in cost else None,
+        xla_bytes=float(cost["bytes accessed"]) if "bytes accessed" in cost else None)
 
 
 def stack_depths(model_cfg: OpenVLAConfig) -> dict[str, int]:
@@ -131,6 +133,7 @@ class Estimate:
     xla_seconds: float
     how: str
     compile_seconds: float  # spent on the estimate's compiles
+    xla_bytes: Optional[float] = None
 
 
 def extrapolate(config, model_cfg: OpenVLAConfig, devices, num_datasets: int, log=print,
@@ -150,13 +153,13 @@ def extrapolate(config, model_cfg: OpenVLAConfig, devices, num_datasets: int, lo
             raise RuntimeError("XLA reported no cost analysis for this platform")
         # A non-positive time would poison the extrapolation; it propagates as NaN and is reported unusable.
         if not out.xla_seconds > 0:
+            log(f"  estimate: XLA's cost model gave {out.xla_seconds:.4g} s for this compile")
             out.xla_seconds = float("nan")
-        points[grow] = (out.xla_flops, out.xla_seconds)
+        points[grow] = (out.xla_flops, out.xla_seconds, np.nan if out.xla_bytes is None else out.xla_bytes)
         spent += out.seconds
-    flops, seconds = points[None]
+    total = np.asarray(points[None], dtype=np.float64)
     for n in names:
-        per_layer = (np.subtract(points[n], points[None]) / step)
-        flops += per_layer[0] * (full[n] - base)
-        seconds += per_layer[1] * (full[n] - base)
+        total += (np.subtract(points[n], points[None]) / step) * (full[n] - base)
+    flops, seconds, traffic = total.tolist()
     how = (f"extrapolated from {len(points)} shallow unrolled compiles ({base} layers per stack, +{step} per stack)")
-    return Estimate(float(flops), float(seconds), how, spent)
+    return Estimate(flops, seconds, how, spent, None if np.isnan(traffic) else traffic)

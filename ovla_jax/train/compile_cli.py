@@ -108,6 +108,7 @@ def report(config, topology: str, estimate: str = "unrolled", log=print, label: 
         "topology": tpu.name, "topology_name": tpu.topology_name, "chips": tpu.chips,
         "chip": tpu.chip.generation, "hbm_gib_per_chip": tpu.chip.hbm_bytes / GIB,
         "peak_bf16_tflops_per_chip": tpu.chip.peak_bf16 / 1e12,
+        "hbm_gb_per_s_per_chip": tpu.chip.hbm_bandwidth / 1e9,
         "params": total, "trainable_params": trainable, "mode": config.mode, "scan_layers": scan,
         "remat": config.remat, "dtype": config.dtype, "mesh": mesh_shape, "batch_size": config.batch_size,
         "sequence": {"patches": model_cfg.num_patches, "text": config.max_length},
@@ -120,6 +121,7 @@ def report(config, topology: str, estimate: str = "unrolled", log=print, label: 
     }
     if not scan:
         xla_flops, xla_seconds, how = compiled.xla_flops, compiled.xla_seconds, "this (unrolled) compile"
+        xla_bytes = compiled.xla_bytes
         out["unrolled_compile_seconds"] = compiled.seconds
     elif estimate == "unrolled":
         unrolled = config.copy_and_resolve_references()
@@ -127,13 +129,14 @@ def report(config, topology: str, estimate: str = "unrolled", log=print, label: 
         log("  estimate: compiling the full unrolled step ...")
         full = aot.compile_train_step(unrolled, model_cfg, devices, num_datasets)
         xla_flops, xla_seconds, how = full.xla_flops, full.xla_seconds, "the full unrolled compile"
+        xla_bytes = full.xla_bytes
         out["unrolled_compile_seconds"] = full.seconds
     elif estimate == "shallow":
         est = aot.extrapolate(config, model_cfg, devices, num_datasets, log=log)
-        xla_flops, xla_seconds, how = est.xla_flops, est.xla_seconds, est.how
+        xla_flops, xla_seconds, how, xla_bytes = est.xla_flops, est.xla_seconds, est.how, est.xla_bytes
         out["estimate_compile_seconds"] = est.compile_seconds
     else:
-        xla_flops = xla_seconds = how = None
+        xla_flops = xla_seconds = how = xla_bytes = None
     out["xla_estimate_from"] = how
     if xla_flops is not None:
         out["xla_flops_per_step"] = xla_flops * tpu.chips
@@ -141,6 +144,15 @@ def report(config, topology: str, estimate: str = "unrolled", log=print, label: 
         # Seen with libtpu's v4 cost model on the 7B step: a negative total. Report it, derive nothing.
         out["xla_step_seconds_unusable"] = xla_seconds
         xla_seconds = None
+    if xla_seconds is None and xla_flops is not None and xla_bytes is not None:
+        # No usable cost-model time: the roofline's bound instead (each chip at its bf16 peak or its
+        # HBM bandwidth, whichever takes longer, for the FLOPs and bytes XLA counted), labelled as such.
+        bound = max(xla_flops / tpu.chip.peak_bf16, xla_bytes / tpu.chip.hbm_bandwidth)
+        out["xla_bytes_per_chip"] = xla_bytes
+        out["roofline_step_seconds"] = bound
+        out["roofline_mfu"] = model_flops / (tpu.chips * tpu.chip.peak_bf16 * bound)
+        out["roofline_bound"] = "compute" if xla_flops / tpu.chip.peak_bf16 >= xla_bytes / tpu.chip.hbm_bandwidth \
+            else "memory"
     if xla_seconds:
         out["xla_step_seconds"] = xla_seconds
         out["mfu"] = model_flops / (tpu.chips * tpu.chip.peak_bf16 * xla_seconds)
@@ -212,7 +224,15 @@ def format_report(r: dict) -> str:
                      f"from {r['xla_estimate_from']})")
     if "xla_step_seconds_unusable" in r:
         lines.append(f"step time     unavailable: XLA's cost model returned {r['xla_step_seconds_unusable']:.4g} s for "
-                     f"this program (no MFU or throughput derived from it)")
+                     f"this program (none derived from it)")
+    if "roofline_step_seconds" in r:
+        lines += [
+            f"roofline      >= {r['roofline_step_seconds']:.3f} s per step ({r['roofline_bound']}-bound: XLA's "
+            f"{r['xla_flops_per_step'] / r['chips']:.3e} FLOPs and {r['xla_bytes_per_chip'] / 1e9:.1f} GB of HBM "
+            f"traffic per chip at {r['peak_bf16_tflops_per_chip']:.0f} TFLOP/s and "
+            f"{r['hbm_gb_per_s_per_chip']:.0f} GB/s)",
+            f"MFU           <= {100 * r['roofline_mfu']:.1f}% (model FLOPs over the roofline's time: an upper bound)",
+        ]
     if "xla_step_seconds" in r:
         lines += [
             f"step time     {r['xla_step_seconds']:.3f} s (XLA's cost-model estimate)",
@@ -223,11 +243,19 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _hint(inference: bool) -> str:
+def _hint(inference: bool, config=None) -> str:
+    """What might make it fit, leaving out what the config already does."""
     if inference:
         return "--quantize int8 / int4, a smaller --batch, or a chip with more HBM"
-    return ("--config.remat=full, --config.frozen_quantize=int8 (LoRA), a larger fsdp mesh axis, a smaller batch_size "
-            "or a bigger slice")
+    tries = []
+    if config is None or config.remat != "full":
+        tries.append("--config.remat=full")
+    if config is None or (config.mode != "full" and config.get("frozen_quantize", "none") != "int4"):
+        tries.append("--config.frozen_quantize=int8 or int4 (LoRA and frozen modes)"
+                     if config is None or config.get("frozen_quantize", "none") == "none"
+                     else "--config.frozen_quantize=int4")
+    tries += ["a larger fsdp mesh axis", "a smaller batch_size", "a bigger slice"]
+    return ", ".join(tries)
 
 
 def run(argv: list[str]) -> int:
@@ -262,7 +290,8 @@ def run(argv: list[str]) -> int:
     except RuntimeError as e:
         message = str(e)
         if "RESOURCE_EXHAUSTED" in message or "Ran out of memory" in message:
-            print(f"compile: does not fit on {fv.topology}: {message.splitlines()[0]}\n  try: {_hint(fv.inference)}",
+            print(f"compile: does not fit on {fv.topology}: {message.splitlines()[0]}\n"
+                  f"  try: {_hint(fv.inference, fv.config)}",
                   file=sys.stderr)
             return 1
         print(f"compile: error: {message}", file=sys.stderr)
@@ -276,6 +305,6 @@ def run(argv: list[str]) -> int:
         mem = (r["memory_gib"] if fv.inference else r["memory_gib_per_chip"])["total"]
         print(f"compile: does not fit: {'the prediction' if fv.inference else 'the step'} needs {mem:.2f} GiB per "
               f"chip, a {r['chip']} chip has {r['hbm_gib_per_chip']:.2f} GiB (short by "
-              f"{mem - r['hbm_gib_per_chip']:.2f} GiB); try {_hint(fv.inference)}", file=sys.stderr)
+              f"{mem - r['hbm_gib_per_chip']:.2f} GiB); try {_hint(fv.inference, fv.config)}", file=sys.stderr)
         return 1
     return 0

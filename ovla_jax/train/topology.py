@@ -24,15 +24,16 @@ class Chip:
     cores_in_name: int  # TensorCores per chip as counted by the accelerator-type name
     dims: int  # torus dimensions (3 for v4/v5p, 2 for v5e/v6e)
     chip_config: str  # "megacore": both cores of a chip form one device
+    hbm_bandwidth: float  # bytes/s per chip (Google's published figure): the roofline's memory side
 
 
 # HBM: the usable amount libtpu reports ("available HBM") when a compile does not fit (libtpu 0.0.42):
 # of the nominal 32 / 96 / 16 / 32 GiB.
 CHIPS = {
-    "v4": Chip("v4", 275e12, int(30.75 * GIB), 2, 3, "megacore"),
-    "v5p": Chip("v5p", 459e12, int(95.74 * GIB), 2, 3, "megacore"),
-    "v5e": Chip("v5e", 197e12, int(15.75 * GIB), 1, 2, "default"),
-    "v6e": Chip("v6e", 918e12, int(31.25 * GIB), 1, 2, "default"),
+    "v4": Chip("v4", 275e12, int(30.75 * GIB), 2, 3, "megacore", 1.2e12),
+    "v5p": Chip("v5p", 459e12, int(95.74 * GIB), 2, 3, "megacore", 2.765e12),
+    "v5e": Chip("v5e", 197e12, int(15.75 * GIB), 1, 2, "default", 8.19e11),
+    "v6e": Chip("v6e", 918e12, int(31.25 * GIB), 1, 2, "default", 1.64e12),
 }
 
 
