@@ -147,12 +147,12 @@ def report(config, topology: str, estimate: str = "unrolled", log=print, label: 
     if xla_seconds is None and xla_flops is not None and xla_bytes is not None:
         # No usable cost-model time: the roofline's bound instead (each chip at its bf16 peak or its
         # HBM bandwidth, whichever takes longer, for the FLOPs and bytes XLA counted), labelled as such.
-        bound = max(xla_flops / tpu.chip.peak_bf16, xla_bytes / tpu.chip.hbm_bandwidth)
+        compute, memory = xla_flops / tpu.chip.peak_bf16, xla_bytes / tpu.chip.hbm_bandwidth
+        bound = max(compute, memory)
         out["xla_bytes_per_chip"] = xla_bytes
         out["roofline_step_seconds"] = bound
         out["roofline_mfu"] = model_flops / (tpu.chips * tpu.chip.peak_bf16 * bound)
-        out["roofline_bound"] = "compute" if xla_flops / tpu.chip.peak_bf16 >= xla_bytes / tpu.chip.hbm_bandwidth \
-            else "memory"
+        out["roofline_bound"] = "compute" if compute >= memory else "memory"
     if xla_seconds:
         out["xla_step_seconds"] = xla_seconds
         out["mfu"] = model_flops / (tpu.chips * tpu.chip.peak_bf16 * xla_seconds)
@@ -247,13 +247,13 @@ def _hint(inference: bool, config=None) -> str:
     """What might make it fit, leaving out what the config already does."""
     if inference:
         return "--quantize int8 / int4, a smaller --batch, or a chip with more HBM"
-    tries = []
-    if config is None or config.remat != "full":
-        tries.append("--config.remat=full")
-    if config is None or (config.mode != "full" and config.get("frozen_quantize", "none") != "int4"):
-        tries.append("--config.frozen_quantize=int8 or int4 (LoRA and frozen modes)"
-                     if config is None or config.get("frozen_quantize", "none") == "none"
-                     else "--config.frozen_quantize=int4")
+    remat = config.remat if config is not None else None
+    mode = config.mode if config is not None else None
+    quantize = config.get("frozen_quantize", "none") if config is not None else "none"
+    tries = [] if remat == "full" else ["--config.remat=full"]
+    if mode != "full" and quantize != "int4":
+        tries.append("--config.frozen_quantize=int4" if quantize == "int8"
+                     else "--config.frozen_quantize=int8 or int4 (LoRA and frozen modes)")
     tries += ["a larger fsdp mesh axis", "a smaller batch_size", "a bigger slice"]
     return ", ".join(tries)
 
