@@ -155,14 +155,16 @@ def dataset_frames(cfg: DataConfig, name: str, split: str, *, train: bool, seed:
     if not any(True for _ in ds.take(1)):  # reads at most until the first usable trajectory
         raise DataError(f"dataset {name!r}: empty: no trajectory with actions"
                         f"{' and a language instruction' if cfg.skip_unlabeled else ''} in split {split!r}")
+    if train:
+        # Repeated before the per-trajectory draws are numbered: each epoch's subsample and goal draws
+        # differ, and a resumed stream (the same count of frames skipped) replays them exactly.
+        ds = ds.repeat()
     if cfg.max_traj_length:
         ds = T.traj_map(ds, lambda t: TT.truncate(t, cfg.max_traj_length), threads)
     if cfg.goal_relabel or cfg.subsample_length:
         ds = ds.enumerate().map(lambda i, t: _seeded_traj_transforms(cfg, t, seed, i), num_parallel_calls=threads,
                                 deterministic=True)
     ds = T.traj_map(ds, lambda t: TT.chunk(t, cfg.window, cfg.future), threads)
-    if train:
-        ds = ds.repeat()
     ds = T.flatten(ds)
     if spec.drop_zero_motion:
         zero = _normalize(tf.zeros([7]), stats, cfg.normalization)[:6]

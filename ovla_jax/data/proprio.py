@@ -1,5 +1,5 @@
 """Proprioception: the state vector a dataset gives the model (OFT's proprio token), from the observation
-keys its registry entry names, and its normalization (the action's kind, every dim, clipped as OFT)."""
+keys its registry entry names, and its normalization (the action's kind, every dim; bounds kinds clipped as OFT)."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -48,12 +48,14 @@ def proprio_of(traj, spec) -> tf.Tensor:
 
 
 def normalize(proprio, stats: Mapping, kind: str = "bounds_q99", xp=None):
-    """Normalized like the actions of the same dataset, on every dim (no gripper exemption), and clipped
-    to [-1, 1] as OFT does at train and test time. ``stats`` is the dataset's ``proprio`` entry."""
+    """Normalized like the actions of the same dataset, on every dim (no gripper exemption). The bounds
+    kinds are clipped to [-1, 1] as OFT does at train and test time; ``normal`` (z-scores) is not clipped,
+    as upstream. ``stats`` is the dataset's ``proprio`` entry."""
     import numpy as np
 
     xp = xp or np
     if kind not in A.NORMALIZATIONS:
         raise DataError(f"unknown normalization {kind!r}; choose from {A.NORMALIZATIONS}")
     full = dict(stats, mask=[True] * len(stats["q01"]))
-    return xp.clip(A.normalize(proprio, full, kind, xp=xp), -1.0, 1.0)
+    normalized = A.normalize(proprio, full, kind, xp=xp)
+    return xp.clip(normalized, -1.0, 1.0) if kind.startswith("bounds") else normalized

@@ -44,16 +44,37 @@ def open_builder(data_dir: str, name: str):
         raise DataError(f"dataset {name!r}: cannot open tfds builder at {candidates[-1]} ({e})") from None
 
 
+HELD_OUT_FRACTION = 0.05  # of the episodes, when a dataset has no ``val`` split
+
+
+def held_out_episodes(num_episodes: int) -> int:
+    """Episodes held out for validation from a dataset without a ``val`` split: 5%, at least one, and
+    none when that would leave nothing to train on."""
+    if num_episodes < 2:
+        return 0
+    return max(1, round(HELD_OUT_FRACTION * num_episodes))
+
+
 def split_names(builder, split: str) -> str:
-    """``train``/``val`` -> a tfds split spec; datasets without ``val`` use train[:95%] / train[95%:]."""
+    """``train``/``val`` -> a tfds split spec. A dataset without ``val`` holds out its last
+    ``held_out_episodes`` training episodes, by index (deterministic; 8 episodes -> 7 + 1)."""
     splits = builder.info.splits
-    if split == "train":
-        return "train" if "val" in splits else "train[:95%]"
-    if split == "val":
-        return "val" if "val" in splits else "train[95%:]"
+    if "val" in splits:
+        return "train+val" if split == "all" else split
     if split == "all":
-        return "train+val" if "val" in splits else "train"
-    return split
+        return "train"
+    if split not in ("train", "val"):
+        return split
+    if "train" not in splits:
+        raise DataError(f"dataset {builder.name!r}: no 'train' split (it has {sorted(splits)})")
+    total = splits["train"].num_examples
+    held = held_out_episodes(total)
+    if split == "val":
+        if not held:
+            raise DataError(f"dataset {builder.name!r}: no 'val' split, and {total} episode(s) are too few to "
+                            f"hold one out")
+        return f"train[{total - held}:]"
+    return f"train[:{total - held}]"
 
 
 def from_rlds(builder, split: str, *, shuffle: bool = False, seed: int = 0, num_parallel_reads: int = AUTOTUNE,
@@ -69,8 +90,11 @@ def from_rlds(builder, split: str, *, shuffle: bool = False, seed: int = 0, num_
     reads = num_parallel_reads if shuffle else 1
     read_config = tfds.ReadConfig(shuffle_seed=seed if shuffle else None, skip_prefetch=True,
                                   interleave_cycle_length=reads, num_parallel_calls_for_interleave_files=reads)
-    ds = builder.as_dataset(split=spec, shuffle_files=shuffle, read_config=read_config,
-                            decoders={"steps": tfds.decode.SkipDecoding()})
+    try:
+        ds = builder.as_dataset(split=spec, shuffle_files=shuffle, read_config=read_config,
+                                decoders={"steps": tfds.decode.SkipDecoding()})
+    except (ValueError, AssertionError) as e:  # tfds: an empty or unknown split
+        raise DataError(f"dataset {builder.name!r}: cannot read split {spec!r} ({e})") from None
 
     def to_trajectory(episode):
         traj = dict(episode["steps"])

@@ -8,6 +8,7 @@ checkpoint at the next step boundary and exits cleanly.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -245,16 +246,32 @@ def _check_resumable(meta: dict, config, process_count: int, directory: str, ste
                     "equivalent position, not bitwise the same one", where, meta.get("process_count"), process_count)
 
 
+def shared_batches(host_batches, max_batches: int) -> list:
+    """Up to ``max_batches`` host batches, as many on every process: each process's share of the
+    validation split may hold a different number of full batches, and a process that ran a sharded eval
+    step the others skipped would wait for them forever. The count is agreed on (the minimum) first."""
+    local = list(itertools.islice(host_batches, max_batches))
+    n = len(local)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        n = int(np.min(multihost_utils.process_allgather(np.int32(n))))
+    return local[:n]
+
+
 def _validation(trainer, params, val_frames, host_batch, bt, batch_sh, names, max_batches):
-    sums, n = None, 0
-    for host in numpy_batches(val_frames, host_batch):
+    sums = None
+    for host in shared_batches(numpy_batches(val_frames, host_batch), max_batches):
         metrics = trainer.eval(params, to_global_arrays(bt(host), batch_sh, names))
         part = _sums(metrics)
         sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
-        n += 1
-        if n >= max_batches:
-            break
     return None if sums is None else summarize(jax.device_get(sums), names, "val/")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def train(config, workdir: str, *, progress: bool = True,
@@ -318,6 +335,14 @@ def train(config, workdir: str, *, progress: bool = True,
             trainer.compile_eval(batch_sh)
         except DataError as e:
             log.warning("validation disabled: %s", e)
+            val_frames = None
+        if pcount > 1:  # every process validates, or none does (a lone one would wait for the others)
+            from jax.experimental import multihost_utils
+
+            if not bool(np.all(multihost_utils.process_allgather(np.int32(val_frames is not None)))):
+                if val_frames is not None:
+                    log.warning("validation disabled: another process has no validation data")
+                val_frames = None
 
     meta_base = {"config": config_to_hf(model_cfg, norm_stats, "float32", False),
                  "lora": dataclasses.asdict(lora) if lora else None, "dataset_names": names,
@@ -367,6 +392,15 @@ def train(config, workdir: str, *, progress: bool = True,
                                   if kept is not None and kept < bad[0][0] - 1 else "."))
                         reporter.message(msg)
                         result = RunResult("nan", bad[0][0], reporter.history, msg, state)
+                        break
+                    if due_save and not bool(_all_finite(state.params)):
+                        ckpt.wait()
+                        kept = ckpt.latest_step()
+                        msg = (f"parameters are non-finite after the update of step {step} (its loss was finite): "
+                               f"stopping without saving them. Latest checkpoint: "
+                               f"{'step ' + str(kept) if kept is not None else 'none'}.")
+                        reporter.message(msg)
+                        result = RunResult("nan", step, reporter.history, msg, state)
                         break
                     host = jax.device_get(sums)
                     n = step - last_log[0]
