@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("stats", help="action statistics of a dataset (official norm_stats format, cached)")
     stats_cli.add_arguments(p)
     p.set_defaults(run=stats_cli.run)
+    from ovla_jax.data.importers import cli as import_cli
+
+    p = verbs.add_parser("import", help="LeRobot / HDF5 (robomimic, ACT) robot data -> RLDS + a dataset spec",
+                         description=import_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import_cli.add_arguments(p)
+    p.set_defaults(run=import_cli.run)
     p = verbs.add_parser("train", help="train or fine-tune (configs/train/*.py); resumes from the workdir",
                          add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -18,9 +18,12 @@ def base_config(model: str = "7b") -> ml_collections.ConfigDict:
     c.param_init = "hf"  # hf: normal(0.02) as the official configs | fan_in: for small models trained from scratch
     c.max_length = 96  # tokens per example (prompt + 7 action tokens + EOS), right-padded
 
+    # mixture: a named mixture, a dataset, or "" = the one dataset of dataset_specs. dataset_specs: your own
+    # datasets declared in YAML / JSON files (or dicts; see ovla_jax/data/spec_file.py; ovla-jax train
+    # --dataset-spec FILE adds one). normalization: auto = what the specs declare, else bounds_q99.
     c.data = ml_collections.ConfigDict(dict(
         data_dir="", mixture="bridge", augment=True, shuffle_buffer=256_000, threads=16, window=1,
-        skip_unlabeled=True, normalization="bounds_q99",
+        skip_unlabeled=True, normalization="auto", dataset_specs=(),
         stats_cache_dir=os.path.join(os.path.expanduser("~"), ".cache", "ovla_jax", "stats")))
     c.eval_split = "val"
 

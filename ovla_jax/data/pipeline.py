@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -26,6 +26,7 @@ import tensorflow.experimental.numpy as tnp
 from ovla_jax import actions as A
 from ovla_jax.data import frames as F
 from ovla_jax.data import proprio as P
+from ovla_jax.data import spec_file
 from ovla_jax.data import traj as T
 from ovla_jax.data import traj_transforms as TT
 from ovla_jax.data.errors import DataError
@@ -52,11 +53,49 @@ class DataConfig:
     subsample_length: Optional[int] = None
     max_traj_length: Optional[int] = None
     goal_relabel: bool = False
-    normalization: str = "bounds_q99"  # or "bounds" (min/max, OFT's ALOHA) or "normal"
+    # bounds_q99 | bounds (min/max, OFT's ALOHA) | normal | auto: what the mixture's dataset specs declare
+    # (they must agree), else bounds_q99
+    normalization: str = "auto"
     wrist: bool = False  # also the wrist camera (OFT's second image)
     proprio: bool = False  # also the normalized state (OFT's proprio token)
     threads: int = 16  # total read/transform threads, shared across datasets by weight
     stats_cache_dir: Optional[str] = DEFAULT_CACHE
+    # Datasets declared in data (ovla_jax/data/spec_file.py): spec file paths or dicts, registered
+    # before the mixture is resolved.
+    dataset_specs: tuple = ()
+
+
+def declare(cfg: DataConfig) -> DataConfig:
+    """Register ``cfg.dataset_specs``; fill an empty mixture with the one declared dataset; resolve the
+    ``auto`` normalization. Every entry point that reads data calls this first."""
+    specs = spec_file.register([dict(s) if isinstance(s, Mapping) else s for s in cfg.dataset_specs or ()])
+    mixture = cfg.mixture
+    if not mixture:
+        if len(specs) != 1:
+            raise DataError("data.mixture is empty: name a dataset or mixture (or give exactly one dataset spec)")
+        mixture = specs[0].name
+    return dataclasses.replace(cfg, mixture=mixture, normalization=resolve_normalization(mixture, cfg.normalization))
+
+
+def resolve_normalization(mixture, requested: str = "auto") -> str:
+    """The run's normalization: ``requested``, checked against what the mixture's spec files declare."""
+    declared = {}
+    for name, _ in resolve_mixture(mixture):
+        spec = registry.REGISTRY.get(name)
+        if spec is not None and spec.normalization:
+            declared[name] = spec.normalization
+    if requested == "auto":
+        kinds = set(declared.values())
+        if len(kinds) > 1:
+            raise DataError(f"the mixture's dataset specs declare different normalizations {declared}: one run "
+                            f"normalizes every dataset alike; set data.normalization")
+        return kinds.pop() if kinds else "bounds_q99"
+    if requested not in A.NORMALIZATIONS:
+        raise DataError(f"unknown normalization {requested!r}; choose from {A.NORMALIZATIONS + ('auto',)}")
+    clash = {n: k for n, k in declared.items() if k != requested}
+    if clash:
+        raise DataError(f"data.normalization={requested!r} contradicts the dataset spec(s) {clash}")
+    return requested
 
 
 def resolve_mixture(mixture) -> list[tuple[str, float]]:
@@ -98,7 +137,8 @@ def _check_features(builder, spec: registry.DatasetSpec, camera_keys: list[str])
     observation = steps["observation"] if "observation" in steps else {}
     for key in camera_keys:
         if key not in observation:
-            raise DataError(f"dataset {spec.name!r}: observation has no image key {key!r} "
+            where = f" (declared in {spec.declared_in})" if spec.declared_in else ""
+            raise DataError(f"dataset {spec.name!r}{where}: observation has no image key {key!r} "
                             f"(it has {sorted(observation.keys())})")
 
 
@@ -124,8 +164,14 @@ def dataset_frames(cfg: DataConfig, name: str, split: str, *, train: bool, seed:
         if spec.cameras.get("wrist") is None:
             raise DataError(f"dataset {name!r}: the registry names no wrist camera, but wrist images were asked for")
         cameras["image_wrist"] = spec.cameras["wrist"]
+    where = f" (declared in {spec.declared_in})" if spec.declared_in else ""
     if cfg.proprio and not spec.state_keys:
-        raise DataError(f"dataset {name!r}: the registry names no state keys, but proprio was asked for")
+        raise DataError(f"dataset {name!r}{where}: names no state keys, but the model reads a proprio state: "
+                        f"list them under 'state' in its spec")
+    if not cfg.proprio and spec.state_keys and spec.declared_in:
+        log.warning("dataset %s declares a state (%s), but this model reads none (model.proprio_dim = 0): the "
+                    "state is not used. OFT models read it (model.proprio_dim, an L1 or parallel head).",
+                    name, ", ".join(map(str, spec.state_keys)))
     _check_features(builder, spec, list(cameras.values()))
     stats = dataset_stats(builder, spec, cfg.stats_cache_dir)
     ds = T.from_rlds(builder, split, shuffle=train, seed=seed, num_parallel_reads=threads,
@@ -186,6 +232,7 @@ def _seeded_traj_transforms(cfg: DataConfig, traj, seed: int, index):
 def make_frames(cfg: DataConfig, split: str = "train", *, train: bool = True, seed: int = 0, start_index: int = 0,
                 process_index: int = 0, process_count: int = 1) -> tuple[tf.data.Dataset, dict]:
     """The mixed, decoded frame stream and {dataset: statistics}. ``start_index`` resumes mid-stream."""
+    cfg = declare(cfg)
     host_seed = seed * 1_000_003 + process_index
     datasets, stats, weights = [], {}, []
     usable = usable_datasets(cfg.mixture, warn=True)

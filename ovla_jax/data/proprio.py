@@ -27,7 +27,8 @@ def proprio_of(traj, spec) -> tf.Tensor:
                         f"(set its entry in _STATE_KEYS in ovla_jax/data/oxe/registry.py, or train without proprio)")
     missing = missing_state_keys(traj, spec)
     if missing:
-        raise DataError(f"dataset {spec.name!r}: observation has no state key {missing[0]!r} "
+        where = f" (declared in {spec.declared_in})" if spec.declared_in else ""
+        raise DataError(f"dataset {spec.name!r}{where}: observation has no state key {missing[0]!r} "
                         f"(it has {sorted(traj['observation'])})")
     observation = traj["observation"]
     length = tf.shape(traj["action"])[0]

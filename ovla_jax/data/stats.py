@@ -82,7 +82,8 @@ def dataset_stats(builder, spec: DatasetSpec, cache_dir: Optional[str] = DEFAULT
         n_traj += 1
     if not n_traj:
         raise DataError(f"dataset {spec.name!r}: empty (no trajectories in {builder.data_dir})")
-    stats = compute_stats(np.concatenate(chunks), n_traj, spec.action_normalization_mask,
+    actions = np.concatenate(chunks)
+    stats = compute_stats(actions, n_traj, spec.normalization_mask(actions.shape[1]),
                           np.concatenate(states) if states else None)
     if path:  # a local dir or a URL (gs://): one cache shared by every host of a pod
         fileio.makedirs(cache_dir)

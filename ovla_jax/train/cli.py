@@ -1,7 +1,9 @@
 """``ovla-jax train --config configs/train/<name>.py[:variant] --workdir DIR [--config.field=value ...]``.
 
 Config files are ml_collections files (``get_config()``), overridable field by field on the command line.
-Re-running with the same workdir resumes from its latest checkpoint. Exit codes: 0 trained or
+``--dataset-spec my_robot.yaml`` declares your own dataset (ovla_jax/data/spec_file.py). Config files
+may live anywhere and import ``configs.*`` (installed with the package). Re-running with the same
+workdir resumes from its latest checkpoint. Exit codes: 0 trained or
 preempted (checkpoint saved), 1 stopped on a non-finite loss, 2 bad config / data / checkpoint.
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import sys
 
 USAGE = ("usage: ovla-jax train --config configs/train/<name>.py[:variant] --workdir DIR "
-         "[--config.<field>=<value> ...] [--distributed [--coordinator HOST:PORT --num_processes N --process_id I]] "
+         "[--config.<field>=<value> ...] [--dataset-spec FILE.yaml] [--distributed [--coordinator HOST:PORT --num_processes N --process_id I]] "
          "[--noprogress]")
 
 
@@ -90,6 +92,9 @@ def _define_train_flags(fv) -> None:
     flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator)", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes-1 (with --coordinator)",
                          flag_values=fv)
+    flags.DEFINE_multi_string("dataset_spec", [], "a dataset declared in a YAML / JSON file (repeatable; added to "
+                              "config.data.dataset_specs; with an empty data.mixture, the one it declares is trained on)",
+                              flag_values=fv)
     flags.DEFINE_bool("progress", True, "console progress (a bar on a terminal, else a line every log_every steps)",
                       flag_values=fv)
 
@@ -100,7 +105,11 @@ def parse(argv: list[str]):
     if not fv.workdir:
         print(f"train: error: --workdir is required\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
-    return fv.config, fv.workdir, fv
+    config = fv.config
+    if fv.dataset_spec:
+        with config.unlocked():
+            config.data.dataset_specs = tuple(config.data.get("dataset_specs") or ()) + tuple(fv.dataset_spec)
+    return config, fv.workdir, fv
 
 
 def init_distributed(fv) -> None:

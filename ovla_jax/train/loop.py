@@ -27,7 +27,7 @@ from ovla_jax.checkpoints.sharded import covered_paths, place
 from ovla_jax.checkpoints.train_dir import base_record, read_meta, resolve
 from ovla_jax.data.batch import BatchTransform, batch_spec, to_global_arrays
 from ovla_jax.data.errors import DataError
-from ovla_jax.data.pipeline import DataConfig, make_frames, numpy_batches
+from ovla_jax.data.pipeline import DataConfig, declare, make_frames, numpy_batches
 from ovla_jax.models.config import OFT_FIELDS, OpenVLAConfig, from_config_dict, pixel_normalizations
 from ovla_jax.models.lora import lora_from_config
 from ovla_jax.models.openvla import OpenVLA
@@ -90,6 +90,8 @@ def data_config(config, model_cfg: OpenVLAConfig) -> DataConfig:
         raise ConfigError(str(e)) from None
     if isinstance(fields.get("mixture"), (list, tuple)):
         fields["mixture"] = [tuple(x) for x in fields["mixture"]]
+    specs = fields.get("dataset_specs") or ()
+    fields["dataset_specs"] = tuple(specs) if isinstance(specs, (list, tuple)) else (specs,)
     # What the model reads decides what the data gives: the chunk's future actions, the wrist camera and
     # the proprio state (an explicit contradicting setting is an error, not silently overridden).
     needs = {"wrist": model_cfg.num_images > 1, "proprio": model_cfg.proprio_dim > 0}
@@ -288,7 +290,10 @@ def train(config, workdir: str, *, progress: bool = True,
         tokenizer = make_tokenizer(config.tokenizer, model_cfg.tokenizer_vocab_size, model_cfg.n_action_bins)
     except ValueError as e:
         raise ConfigError(f"tokenizer: {e}") from None
-    dc = data_config(config, model_cfg)
+    try:
+        dc = declare(data_config(config, model_cfg))
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     bt = BatchTransform(tokenizer, config.max_length, model_cfg.n_action_bins, window=dc.window,
                         chunk=model_cfg.chunk, parallel=model_cfg.parallel,
                         mask_past_end=bool(config.get("mask_past_end", False)))
@@ -350,6 +355,8 @@ def train(config, workdir: str, *, progress: bool = True,
                  "frozen": dataclasses.asdict(trainer.frozen_form) if trainer.trainable is not None else None,
                  "scan_layers": bool(config.get("scan_layers", False)),
                  "host_batch": host_batch, "process_count": pcount, "train_config": json.loads(config.to_json_best_effort())}
+    # What "auto" and an empty mixture resolved to is what a loader of this run needs to know.
+    meta_base["train_config"].setdefault("data", {}).update(normalization=dc.normalization, mixture=dc.mixture)
     if pindex == 0:
         fileio.write_text(fileio.join(workdir, "config.json"), json.dumps(meta_base["train_config"], indent=2))
 

@@ -42,17 +42,34 @@ class DatasetSpec:
     action_encoding: ActionEncoding
     standardize: Optional[Callable]
     language_key: str = "language_instruction"
-    # BOUNDS_Q99 normalizes the 6 motion dims; the gripper (last) stays as is.
-    action_normalization_mask: tuple = (True,) * 6 + (False,)
+    # BOUNDS_Q99 normalizes the 6 motion dims; the gripper (last) stays as is. None: every dim.
+    action_normalization_mask: Optional[tuple] = (True,) * 6 + (False,)
     drop_zero_motion: bool = False  # drop frames whose 6 motion dims are all zero (DROID's idle frames)
     # Proprio: the pieces (after standardization) concatenated into the state the model reads: an
     # observation key (the whole field), a recipe Part (columns of a field, zeros, ...), or None = one
     # zero column (upstream's padding). Empty = the dataset gives no proprio. See _STATE_KEYS.
     state_keys: tuple = ()
+    # A dataset declared in a spec file (ovla_jax/data/spec_file.py): that file. Its actions feed the VLA
+    # whatever their encoding (the user chose them), and errors name the file.
+    declared_in: Optional[str] = None
+    gripper_dim: Optional[int] = None  # with a mask of None: the one dim left unnormalized
+    normalization: Optional[str] = None  # the kind a spec file asks for (None: the run's)
 
     @property
     def loads_for_vla(self) -> bool:
-        return self.action_encoding in VLA_ACTION_ENCODINGS
+        return self.declared_in is not None or self.action_encoding in VLA_ACTION_ENCODINGS
+
+    def normalization_mask(self, action_dim: int) -> list:
+        """Which action dims are normalized: the entry's mask, or (mask ``None``) every dim but the gripper's."""
+        mask = self.action_normalization_mask
+        if mask is None:
+            skip = None if self.gripper_dim is None else self.gripper_dim % action_dim
+            return [i != skip for i in range(action_dim)]
+        if len(mask) != action_dim:
+            where = f" (declared in {self.declared_in})" if self.declared_in else ""
+            raise DataError(f"dataset {self.name!r}{where}: its normalization mask has {len(mask)} dims but its "
+                            f"actions have {action_dim}")
+        return [bool(m) for m in mask]
 
 
 def _spec(primary, secondary=None, wrist=None, state=StateEncoding.POS_EULER, action=ActionEncoding.EEF_POS, **kw):
@@ -228,7 +245,8 @@ def get_spec(name: str) -> DatasetSpec:
     if name not in REGISTRY:
         close = sorted(n for n in REGISTRY if n.split("_")[0] == name.split("_")[0])[:5]
         hint = f"; similar: {close}" if close else ""
-        raise DataError(f"unknown dataset {name!r}: not in the OXE registry ({len(REGISTRY)} datasets){hint}")
+        raise DataError(f"unknown dataset {name!r}: not in the OXE registry ({len(REGISTRY)} datasets){hint}; "
+                        f"declare your own with --dataset-spec FILE (see the README, 'Fine-tune on your own data')")
     spec = REGISTRY[name]
     if spec.standardize is None:
         raise DataError(f"dataset {name!r}: its standardization transform is not implemented yet "
