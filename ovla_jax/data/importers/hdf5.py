@@ -33,7 +33,7 @@ def _h5py():
 
 
 def _number(name: str) -> int:
-    digits = re.findall(r"\d+", os.path.basename(name))
+    digits = re.findall(r"\d+", os.path.splitext(os.path.basename(name))[0])  # not the 5 of ".hdf5"
     return int(digits[-1]) if digits else -1
 
 
