@@ -215,22 +215,26 @@ class OpenVLAPolicy:
         if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(instructions):
             raise ValueError(f"images must be uint8[B, H, W, 3] with one instruction each; got {images.shape} "
                              f"and {len(instructions)} instruction(s)")
-        cfg = self.config
-        cameras = jnp.asarray(self.model_images(images, wrist_images))
+        cameras = self.model_images(images, wrist_images)
         state = self.proprio_values(proprio, len(images), unnorm_key)
-        ids, mask = self.prompts(instructions)
         stats = self.action_stats(unnorm_key)
+        actions = A.unnormalize(self.predict_normalized(cameras, instructions, state), stats, self.normalization)
+        return actions[0] if single else actions
+
+    def predict_normalized(self, cameras: np.ndarray, instructions: Sequence[str], state=None) -> np.ndarray:
+        """Low level, in the model's own units: resized images uint8[B, S, S, 3 * cameras] (as the data
+        pipeline gives them), B instructions and the normalized state -> normalized actions float32[B, 7]
+        (token heads) or float32[B, K, D] (chunked heads). Offline evaluation feeds pipeline frames here."""
+        cfg = self.config
+        cameras = jnp.asarray(cameras)
+        ids, mask = self.prompts(instructions)
         if cfg.parallel:
             normalized, _ = self._parallel_images(self.params, cameras, jnp.asarray(ids), jnp.asarray(mask),
                                                   jnp.asarray(self.action_slots(mask)),
                                                   None if state is None else jnp.asarray(state))
-            actions = A.unnormalize(np.asarray(normalized), stats, self.normalization)  # [B, K, D]
-            return actions[0] if single else actions
+            return np.asarray(normalized)
         tokens, _ = self._greedy_images(self.params, cameras, jnp.asarray(ids), jnp.asarray(mask))
-        tokens = np.asarray(tokens)
-        normalized = A.decode_action_tokens(tokens, cfg.tokenizer_vocab_size, cfg.n_action_bins)
-        actions = A.unnormalize(normalized, stats, self.normalization)
-        return actions[0] if single else actions
+        return A.decode_action_tokens(np.asarray(tokens), cfg.tokenizer_vocab_size, cfg.n_action_bins)
 
 
 def pick_stats(norm_stats: dict, key: Optional[str], path: str = "the checkpoint", field: str = "action") -> dict:

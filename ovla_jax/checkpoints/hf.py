@@ -35,7 +35,7 @@ from ovla_jax.checkpoints.safetensors_io import dtype_from_name
 from ovla_jax.checkpoints.tensor_dir import TensorDir, read_json, write_tensor_dir
 from ovla_jax.checkpoints.errors import CheckpointError
 from ovla_jax.checkpoints import oft
-from ovla_jax.checkpoints.hf_config import OFT_KEY, REMOTE_CODE_FILES, config_from_hf, config_to_hf
+from ovla_jax.checkpoints.hf_config import OFT_KEY, REMOTE_CODE_FILES, RUN_KEY, config_from_hf, config_to_hf
 from ovla_jax.models.config import OpenVLAConfig
 from ovla_jax.models.openvla import OpenVLA
 
@@ -350,7 +350,8 @@ class _AtomicDir:
 def write_checkpoint(path: str, layout: Layout, config: OpenVLAConfig, norm_stats: Optional[dict],
                      entries: list[Entry], dtypes: dict, produce_flax: Callable[[Entry], np.ndarray], *,
                      carry_from: Optional[str] = None, overwrite: bool = False,
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> None:
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False,
+                     run: Optional[dict] = None) -> None:
     """Write a checkpoint dir atomically: tensors (``produce_flax(entry)`` gives each in Flax layout,
     called once, in order), config.json, carried files. ``dtypes`` maps entry path -> stored dtype.
     HF layout of an OFT model: its components go to OFT's per-component files (``oft.py``)."""
@@ -386,7 +387,8 @@ def write_checkpoint(path: str, layout: Layout, config: OpenVLAConfig, norm_stat
         for component, tensors in by_component.items():
             oft.write_component(tmp, component, "latest", tensors)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(config_to_hf(config, norm_stats, _dtype_label(set(dtypes.values())), has_remote_code), f, indent=2)
+            json.dump(config_to_hf(config, norm_stats, _dtype_label(set(dtypes.values())), has_remote_code, run), f,
+                      indent=2)
             f.write("\n")
         for file in carried:
             if oft.is_component_file(file):
@@ -421,7 +423,12 @@ def convert_checkpoint(src: str, dst: str, src_layout: Layout, dst_layout: Layou
     source = Source(src, src_layout, entries)
     dtypes = {e.path: DTYPES[dtype] if dtype else source.dtype(e) for e in entries}
     write_checkpoint(dst, dst_layout, config, norm_stats, entries, dtypes,
-                     lambda e: src_layout.to_flax(e, source.read(e)), carry_from=src, **kwargs)
+                     lambda e: src_layout.to_flax(e, source.read(e)), carry_from=src, run=read_run(src), **kwargs)
+
+
+def read_run(path: str) -> Optional[dict]:
+    """The training run's settings recorded in a checkpoint dir's config.json (ovla-jax exports), or None."""
+    return read_json(fileio.join(path, CONFIG_FILE)).get(RUN_KEY)
 
 
 def iter_hf_names(config: OpenVLAConfig) -> Iterator[tuple[str, tuple[int, ...]]]:

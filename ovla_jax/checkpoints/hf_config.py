@@ -142,9 +142,14 @@ def text_config_to_hf(llm: LlamaConfig, pad_token_id: int, torch_dtype: str) -> 
     return text
 
 
+RUN_KEY = "ovla_jax_run"  # config.json entry: how the run normalized actions, its prompt length and tokenizer
+
+
 def config_to_hf(config: OpenVLAConfig, norm_stats: Optional[dict], torch_dtype: str,
-                 has_remote_code: bool) -> dict:
-    """OpenVLAConfig -> official config.json dict (loads with trust_remote_code)."""
+                 has_remote_code: bool, run: Optional[dict] = None) -> dict:
+    """OpenVLAConfig -> official config.json dict (loads with trust_remote_code). ``run``: the training
+    run's settings a loader needs to use the weights as trained (normalization, max_length, tokenizer);
+    an extra key that HF's loaders ignore."""
     known = config.hf_fields
     vision_id = known.get("vision_backbone_id")
     if vision_id is None:
@@ -184,4 +189,6 @@ def config_to_hf(config: OpenVLAConfig, norm_stats: Optional[dict], torch_dtype:
     if any(changes):
         out[VISION_KEY] = changes
     # Keep key order stable and identical to transformers' sorted output.
+    if run:
+        out[RUN_KEY] = {k: v for k, v in run.items() if v is not None}
     return {k: out[k] for k in sorted(out)}

@@ -44,6 +44,9 @@ class DirSource:
         self.path = path
         self.layout = hf.JAX if is_jax_checkpoint(path) else hf.HF
         self.config, self.norm_stats = hf.read_config(path)
+        run = hf.read_run(path) or {}  # an ovla-jax export: the run's normalization, max_length, tokenizer
+        self.trained = {k: run[k] for k in ("max_length", "normalization") if k in run} or None
+        self.tokenizer = run.get("tokenizer")
         self.entries = hf.name_map(self.config)
         self._source = hf.Source(path, self.layout, self.entries)
 

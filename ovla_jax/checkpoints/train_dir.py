@@ -275,7 +275,11 @@ def export_checkpoint(path: str, dst: str, layout: hf.Layout, *, step: Optional[
     tensor at a time. Returns the step exported."""
     source = TrainSource(path, step, base=base)
     dtypes = {e.path: hf.DTYPES[dtype] if dtype else source.dtype(e) for e in source.entries}
-    hf.write_checkpoint(dst, layout, source.config, source.norm_stats, source.entries, dtypes, source.read, **kwargs)
+    run = dict(source.trained)
+    if source.tokenizer in ("char", "words"):  # the built-in ones; a tokenizer dir is carried by the user
+        run["tokenizer"] = source.tokenizer
+    hf.write_checkpoint(dst, layout, source.config, source.norm_stats, source.entries, dtypes, source.read, run=run,
+                        **kwargs)
     return int(source.meta.get("step", os.path.basename(source.step_dir)))
 
 

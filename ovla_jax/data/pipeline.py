@@ -104,7 +104,8 @@ def resolve_mixture(mixture) -> list[tuple[str, float]]:
             return mixtures.get_mixture(mixture)
         if mixture in registry.REGISTRY:
             return [(mixture, 1.0)]
-        raise DataError(f"unknown mixture or dataset {mixture!r}")
+        raise DataError(f"unknown mixture or dataset {mixture!r}: not a named mixture or a registered dataset "
+                        f"(your own datasets are declared with --dataset-spec FILE)")
     return list(mixture)
 
 

@@ -248,6 +248,21 @@ def _check_resumable(meta: dict, config, process_count: int, directory: str, ste
                     "equivalent position, not bitwise the same one", where, meta.get("process_count"), process_count)
 
 
+def _check_widths(model_cfg: OpenVLAConfig, stats: dict) -> None:
+    """The data's action and state widths must be the model's (a mismatch otherwise surfaces as a shape
+    error deep inside the step)."""
+    for name, st in stats.items():
+        width = len(st["action"]["mean"])
+        want = model_cfg.action_dim if model_cfg.parallel else 7
+        if width != want:
+            hint = ("--config.model.action_dim" if model_cfg.parallel else
+                    "an L1 or parallel head (model.action_head, model.action_dim): the token head decodes 7 dims")
+            raise ConfigError(f"dataset {name!r} has {width}-D actions; the model predicts {want}: set {hint}")
+        if model_cfg.proprio_dim and "proprio" in st and len(st["proprio"]["mean"]) != model_cfg.proprio_dim:
+            raise ConfigError(f"dataset {name!r} gives a {len(st['proprio']['mean'])}-D state; model.proprio_dim is "
+                              f"{model_cfg.proprio_dim}: set --config.model.proprio_dim={len(st['proprio']['mean'])}")
+
+
 def shared_batches(host_batches, max_batches: int) -> list:
     """Up to ``max_batches`` host batches, as many on every process: each process's share of the
     validation split may hold a different number of full batches, and a process that ran a sharded eval
@@ -308,6 +323,7 @@ def train(config, workdir: str, *, progress: bool = True,
     frames, stats = make_frames(dc, "train", train=True, seed=config.seed, start_index=data_index,
                                 process_index=pindex, process_count=pcount)
     names = list(stats)
+    _check_widths(model_cfg, stats)
     norm_stats = {**init_norm_stats, **stats}
 
     setup = build(config, model_cfg, len(names))

@@ -156,7 +156,7 @@ def write(reader: Reader, data_dir: str, name: str, *, val_episodes: int = 0, pr
         splits["val"] = stream(range(n - val_episodes, n))
     try:
         target = W.write_rlds(data_dir, name, splits, cameras, layout.cameras, action_dim=layout.action_dim,
-                              state_dim=layout.state_dim, version=version, image_encoding="png", keep_order=True)
+                              state_dim=layout.state_dim, version=version, image_encoding="png")
     finally:
         if bar is not None:
             bar.close()
