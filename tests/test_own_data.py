@@ -16,7 +16,7 @@ from ovla_jax.data.importers import example  # noqa: E402
 from ovla_jax.data.importers import open_reader, write  # noqa: E402
 from ovla_jax.data.pipeline import DataConfig, make_frames  # noqa: E402
 
-EPISODES = example.episodes(num=4, length=6, size=16, seed=1)
+EPISODES = example.episodes(num=4, length=8, size=16, seed=1)  # 8 frames: one held-out episode fills a batch
 
 
 def _read_back(data_dir, name):
@@ -44,7 +44,7 @@ def test_lerobot_import_round_trips_exactly(tmp_path):
     src = example.write_lerobot(str(tmp_path / "lerobot"), EPISODES)
     path, spec_path, summary = write(open_reader("lerobot", src), str(tmp_path / "data"), "lr", progress=False)
     _assert_same(_read_back(tmp_path / "data", "lr"), EPISODES, {"image": "image", "wrist_image": "wrist_image"})
-    assert summary.episodes == 4 and summary.steps == 24
+    assert summary.episodes == 4 and summary.steps == 32
     spec = spec_file.load(spec_path)
     assert spec.cameras["primary"] == "image" and spec.cameras["wrist"] == "wrist_image" and spec.state_keys == ("state",)
 
@@ -158,3 +158,28 @@ def test_yaml_spec_and_stats_verb(own_data, tmp_path):
     stats = json.loads(out.stdout)["own"]
     assert stats["action"]["mask"] == [True] * 7 and len(stats["proprio"]["q01"]) == 7  # gripper: none
     assert stats["num_trajectories"] == 4
+
+
+def test_imported_hdf5_dataset_trains_with_the_own_data_config(own_data, tmp_path):
+    """The ACT import (no val split: training holds out one of its 4 episodes) trains with
+    configs/train/finetune_own.py:tiny: both cameras, the 7-D state as proprio, validation on."""
+    import jax
+
+    from configs.train import finetune_own
+    from ovla_jax.train.loop import train
+
+    if jax.device_count() % 8:
+        pytest.skip("needs the 8 simulated devices of the test setup")
+    spec = _spec(tmp_path, cameras={"primary": "cam_high", "wrist": "cam_left_wrist"})
+    c = finetune_own.get_config("tiny")
+    c.data.data_dir, c.data.dataset_specs = str(own_data / "data"), (spec,)
+    c.data.stats_cache_dir = str(tmp_path / "stats")
+    c.model.image_size = 28  # 4 patches per camera: the path, not the model, is under test
+    c.num_steps, c.eval_every, c.save_every, c.log_every = 4, 2, 4, 2
+    result = train(c, str(tmp_path / "run"), progress=False)
+    assert result.status == "done" and result.step == 4, result.message
+    logged = {k for h in result.history for k in h}
+    assert "val/loss" in logged and "train/loss" in logged
+    assert all(np.isfinite(h["train/loss"]) for h in result.history if "train/loss" in h)
+    meta = json.load(open(tmp_path / "run" / "config.json"))
+    assert meta["data"]["mixture"] == "own" and meta["data"]["normalization"] == "bounds_q99"

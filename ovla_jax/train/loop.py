@@ -439,6 +439,10 @@ def train(config, workdir: str, *, progress: bool = True,
                         reporter.write(step, val)
                         reporter.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()
                                                                       if k.count("/") == 1))
+                    else:  # said once: validation stays off for this run
+                        reporter.message(f"validation skipped: the {config.eval_split!r} split has no full batch of "
+                                         f"{host_batch} frames per process")
+                        val_frames = None
                 ckpt.save(step, state, meta(step), force=step == config.num_steps or stopping)
                 if stopping:
                     ckpt.wait()
