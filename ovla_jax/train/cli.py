@@ -4,7 +4,8 @@ Config files are ml_collections files (``get_config()``), overridable field by f
 ``--dataset-spec my_robot.yaml`` declares your own dataset (ovla_jax/data/spec_file.py). Config files
 may live anywhere and import ``configs.*`` (installed with the package). Re-running with the same
 workdir resumes from its latest checkpoint. Exit codes: 0 trained or
-preempted (checkpoint saved), 1 stopped on a non-finite loss, 2 bad config / data / checkpoint.
+preempted (checkpoint saved), 1 stopped on a non-finite loss or non-finite parameters (nothing
+non-finite is saved), 2 bad config / data / checkpoint, 3 an internal error (a traceback).
 """
 from __future__ import annotations
 
@@ -76,6 +77,11 @@ def parse_config_flags(argv: list[str], verb: str, usage: str, define=None):
         raise SystemExit(2) from None
     except ValueError as e:  # a config file's get_config() rejected its variant
         print(f"{verb}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ImportError as e:  # the config file imports something that is not there
+        hint = (" (configs.* comes with the package: reinstall ovla-jax, pip install -e <checkout>)"
+                if getattr(e, "name", "") and e.name.split(".")[0] == "configs" else "")
+        print(f"{verb}: error: config file {path.split(':', 1)[0]!r}: {type(e).__name__}: {e}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
     return fv
 
@@ -155,6 +161,13 @@ def run(argv: list[str]) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - a bug, not a bad input: never exit 1, which means a non-finite loss
+        import traceback
+
+        traceback.print_exc()
+        print("train: internal error (the traceback above; please report it). Checkpoints already written are "
+              "intact: re-running resumes from the latest.", file=sys.stderr)
+        return 3
     import jax
 
     if jax.process_index() == 0:  # the others' outcome is the same; process 0 reports it
