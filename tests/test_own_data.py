@@ -183,3 +183,52 @@ def test_imported_hdf5_dataset_trains_with_the_own_data_config(own_data, tmp_pat
     assert all(np.isfinite(h["train/loss"]) for h in result.history if "train/loss" in h)
     meta = json.load(open(tmp_path / "run" / "config.json"))
     assert meta["data"]["mixture"] == "own" and meta["data"]["normalization"] == "bounds_q99"
+
+
+class _ZeroPolicy:
+    """Predicts the normalized action 0 (the middle of every range) for every frame: the metrics then
+    equal plain statistics of the held-out truth, computed here independently."""
+
+    def __init__(self, config, norm_stats):
+        self.config, self.norm_stats = config, norm_stats
+        self.image_size, self.towers, self.normalization = 16, ("dinov2", "siglip"), "bounds_q99"
+        self.calls = []
+
+    def predict_normalized(self, cameras, instructions, state=None):
+        self.calls.append((cameras.shape, None if state is None else state.shape))
+        shape = (len(instructions), self.config.chunk, 7) if self.config.parallel else (len(instructions), 7)
+        return np.zeros(shape, np.float32)
+
+
+@pytest.mark.parametrize("head", ["tokens", "l1"])
+def test_offline_evaluation_metrics(own_data, tmp_path, head):
+    from ovla_jax import actions as A
+    from ovla_jax.eval import offline
+    from ovla_jax.models.config import tiny_openvla_config
+
+    spec = _spec(tmp_path, cameras={"primary": "cam_high", "wrist": "cam_left_wrist"})
+    oft = dict(action_head="l1", chunk=3, num_images=2, proprio_dim=7) if head == "l1" else {}
+    config = tiny_openvla_config(**oft)
+    cfg = DataConfig(data_dir=str(own_data / "data"), mixture="own", image_size=16, stats_cache_dir=None, threads=1,
+                     dataset_specs=(spec,), future=config.chunk - 1 if config.parallel else 0)
+    frames, stats = make_frames(cfg, "val", train=False)
+    truth = np.stack([f["action"] for f in frames.as_numpy_iterator()])  # [N, 1 + F, 7] normalized
+    valid = np.stack([f["action_pad_mask"] for f in frames.as_numpy_iterator()])
+    policy = _ZeroPolicy(config, stats)
+    r = offline.evaluate(policy, str(own_data / "data"), "own", "val", batch_size=3, dataset_specs=(spec,),
+                         stats_cache_dir=None, progress=False)
+    assert r["frames"] == len(truth) == 8  # one held-out episode of 8 steps, batches of 3, 3, 2
+    np.testing.assert_allclose(r["l1_normalized"], np.abs(truth[:, 0]).mean(0), atol=1e-6)
+    zero_units = A.unnormalize(np.zeros(7), stats["own"]["action"])
+    np.testing.assert_allclose(r["l1"], np.abs(A.unnormalize(truth[:, 0], stats["own"]["action"]) - zero_units).mean(0),
+                               rtol=1e-5, atol=1e-7)
+    if head == "tokens":
+        hits = A.encode_actions(truth[:, 0], config.tokenizer_vocab_size) == A.encode_actions(np.zeros(7), config.tokenizer_vocab_size)
+        assert r["token_accuracy"] == pytest.approx(hits.mean())
+        assert policy.calls[0] == ((3, 16, 16, 3), None)
+    else:
+        w = valid[:, :3, None].astype(np.float32)
+        assert r["chunk_l1_normalized_mean"] == pytest.approx(float((np.abs(truth[:, :3]) * w).sum() / (w.sum() * 7)),
+                                                              rel=1e-5)
+        assert valid[:, :3].sum() < 8 * 3  # the chunk runs past the episode's end: masked
+        assert policy.calls[0] == ((3, 16, 16, 6), (3, 7))  # both cameras, the state
