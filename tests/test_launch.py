@@ -93,9 +93,13 @@ def test_local_dry_run_prints_one_command_per_process():
 # ---------------------------------------------------------------------------------------------------
 # The two-process rehearsal
 
-def _local(workdir, tmp_path, steps):
+def _local(workdir, tmp_path, steps, validate=False):
+    # validate: the Bridge sample's val split gives the two processes 104 and 96 frames (26 and 24 host
+    # batches of 4); asking for more batches than either has makes each run out at a different count,
+    # which hung the sharded eval before the processes agreed on one.
+    evals = ["--config.eval_every=20", "--config.eval_batches=1000"] if validate else ["--config.eval_every=0"]
     args = ["launch/local.sh", "2", "--", "--config", "configs/train/debug.py", "--workdir", str(workdir),
-            f"--config.num_steps={steps}", "--config.save_every=10", "--config.eval_every=0",
+            f"--config.num_steps={steps}", "--config.save_every=10", *evals,
             "--config.log_every=5", f"--config.data.stats_cache_dir={tmp_path / 'stats'}"]
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("XLA_FLAGS", None)
@@ -123,9 +127,10 @@ def _final_params(workdir, step):
 def test_two_processes_train_survive_sigterm_to_one_and_resume_bitwise(tmp_path):
     steps = 40
     straight = tmp_path / "straight"
-    code, out, err = _finish(_local(straight, tmp_path, steps))
+    code, out, err = _finish(_local(straight, tmp_path, steps, validate=True))
     assert code == 0, err[-3000:]
     rows = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    assert sum("val/loss" in r for r in rows) == 2  # uneven validation shares, at steps 20 and 40: no hang
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == steps // 5 and losses[-1] < losses[0] - 0.5, losses  # process 0 alone writes metrics
     assert re.search(r"\[p0\] step 40/40 \(100.0%\) \| [\d.]+ steps/s \| ETA", out)  # plain lines, not a bar

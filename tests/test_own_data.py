@@ -38,10 +38,11 @@ def _assert_same(written, truth, cameras, with_state=True):
         assert {s["language_instruction"].decode() for s in steps} == {want["instruction"]}
 
 
-def test_lerobot_import_round_trips_exactly(tmp_path):
+@pytest.mark.parametrize("version", ["v2.1", "v3.0"])
+def test_lerobot_import_round_trips_exactly(tmp_path, version):
     pytest.importorskip("av")
     pytest.importorskip("pyarrow")
-    src = example.write_lerobot(str(tmp_path / "lerobot"), EPISODES)
+    src = example.write_lerobot(str(tmp_path / "lerobot"), EPISODES, version=version)
     path, spec_path, summary = write(open_reader("lerobot", src), str(tmp_path / "data"), "lr", progress=False)
     _assert_same(_read_back(tmp_path / "data", "lr"), EPISODES, {"image": "image", "wrist_image": "wrist_image"})
     assert summary.episodes == 4 and summary.steps == 32
