@@ -133,14 +133,18 @@ def allocate_threads(total: int, weights: Sequence[float]) -> list[int]:
     return [max(1, int(round(total * x))) for x in w / w.sum()]
 
 
-def _check_features(builder, spec: registry.DatasetSpec, camera_keys: list[str]) -> None:
+def _observation_keys(builder) -> list:
     steps = builder.info.features["steps"]
-    observation = steps["observation"] if "observation" in steps else {}
+    return list(steps["observation"].keys()) if "observation" in steps else []
+
+
+def _check_features(builder, spec: registry.DatasetSpec, camera_keys: list[str]) -> None:
+    observation = _observation_keys(builder)
     for key in camera_keys:
         if key not in observation:
             where = f" (declared in {spec.declared_in})" if spec.declared_in else ""
             raise DataError(f"dataset {spec.name!r}{where}: observation has no image key {key!r} "
-                            f"(it has {sorted(observation.keys())})")
+                            f"(it has {sorted(observation)})")
 
 
 def _normalize(action, stats: dict, kind: str):
@@ -174,6 +178,11 @@ def dataset_frames(cfg: DataConfig, name: str, split: str, *, train: bool, seed:
                     "state is not used. OFT models read it (model.proprio_dim, an L1 or parallel head).",
                     name, ", ".join(map(str, spec.state_keys)))
     _check_features(builder, spec, list(cameras.values()))
+    if spec.declared_in and not spec.state_keys:
+        recorded = [k for k in _observation_keys(builder) if k in ("state", "proprio", "qpos", "joint_state")]
+        if recorded:
+            log.warning("dataset %s records %s, but its spec (%s) names no state: the model will not see it "
+                        "(add `state: [%s]` to use it as proprio)", name, recorded, spec.declared_in, recorded[0])
     stats = dataset_stats(builder, spec, cfg.stats_cache_dir)
     ds = T.from_rlds(builder, split, shuffle=train, seed=seed, num_parallel_reads=threads,
                      process_index=process_index, process_count=process_count)
