@@ -12,7 +12,7 @@ import glob
 import importlib.util
 import os
 
-_TPU_ENV = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID")  # set on TPU VMs
+_TPU_ENV = ("TPU_NAME", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID")  # set on TPU VMs (not TPU_ACCELERATOR_TYPE: AOT compiles set it)
 _GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
 
 

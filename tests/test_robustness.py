@@ -141,7 +141,8 @@ def test_quiet_start_on_a_cpu_host_with_the_tpu_extra(tmp_path):
 
     if has_tpu() or has_gpu_plugin():
         pytest.skip("this host has an accelerator (or a GPU plugin): JAX's defaults are left alone")
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    # What this test process set itself (JAX_PLATFORMS in conftest, the TPU_* of ahead-of-time compiles) stays out.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
     out = subprocess.run([sys.executable, "-m", "ovla_jax", "stats", "--data-dir", str(tmp_path), "--dataset",
                           "bridge_orig"], capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert out.returncode == 2 and "directory" in out.stderr

@@ -17,7 +17,7 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ovla_jax.data.importers import FORMATS
 
-    p.add_argument("format", choices=FORMATS, help="lerobot: LeRobot v2.x dataset dir; hdf5: robomimic file or "
+    p.add_argument("format", choices=FORMATS, help="lerobot: LeRobot v2.x / v3.0 dataset dir; hdf5: robomimic file or "
                    "ACT/ALOHA episode files")
     p.add_argument("source", help="the dataset directory or file")
     p.add_argument("--data-dir", required=True, help="where the RLDS dataset goes (DIR/NAME/1.0.0)")
