@@ -32,8 +32,105 @@ def exact_gelu(x):
 def matmul(x, w):
     """x[..., in] @ w[in, out] accumulated in fp32 whatever the operand dtype (bf16 operands with an fp32
     accumulator is what TPUs and GPUs do, and ~2x an fp32 matmul on AVX-512 CPUs, while a bf16 result
-    type is slower than fp32 there); the caller casts the fp32 result back."""
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    type is slower than fp32 there); the caller casts the fp32 result back. ``w`` (e.g. an fp32 master
+    weight) is cast to ``x``'s dtype here. At low precision both backward products take low-precision
+    operands too (:func:`_low_matmul`)."""
+    if x.dtype == jnp.float32:
+        return jax.lax.dot_general(x, w.astype(jnp.float32), (((x.ndim - 1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+    flat = _low_matmul(x.reshape(-1, x.shape[-1]), w)
+    return flat.reshape(x.shape[:-1] + (w.shape[-1],))
+
+
+def _dot_f32(spec: str, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+# Mixed-precision products with their own backward pass.
+#
+# Plain autodiff of a bf16 x bf16 -> fp32 product gets an fp32 cotangent, and both backward products then
+# run on fp32 operands (the bf16 operand converted up): two thirds of a training step's FLOPs at the fp32
+# rate (measured: 2/3 of the dots of the full-size bf16 step were fp32 x fp32). Here the cotangent is
+# rounded once to the compute dtype, as a bf16 product's gradient is under PyTorch autocast, and every
+# backward product accumulates in fp32. A master weight's gradient comes back in fp32 straight from
+# the accumulator (no bf16 rounding of the weight gradient).
+#
+# The backward products are written in forms XLA:CPU runs on bf16 operands: its bf16 kernels (YNNPACK)
+# need the lhs contracted on its last axis, row-major, and XLA folds a plain transpose into the dot's
+# dimension numbers (then converts both operands to fp32, or fails at run time for batched dots). A
+# transpose that is padded along the contraction (zero rows: the sum is unchanged) stays a real
+# row-major array. The forms are pinned by tests/test_bf16_step.py.
+
+def _pad_rows(x, axis: int):
+    """``x`` with 1..16 zero rows appended along ``axis`` (a multiple of 16 in all)."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, 16 - x.shape[axis] % 16)
+    return jnp.pad(x, pad)
+
+
+@jax.custom_vjp
+def _low_matmul(x, w):
+    """x[M, in] (low precision) @ w[in, out] (any float dtype) -> fp32[M, out]."""
+    return _dot_f32("mi,io->mo", x, w.astype(x.dtype))
+
+
+def _low_matmul_fwd(x, w):
+    low_w = w.astype(x.dtype)
+    # A zero-size array carries w's dtype to the backward pass (a dtype is not a valid residual).
+    return _dot_f32("mi,io->mo", x, low_w), (x, low_w, jnp.zeros((0,), w.dtype))
+
+
+def _low_matmul_bwd(residuals, g):
+    x, low_w, w_kind = residuals
+    g = g.astype(x.dtype)
+    grad_x = _dot_f32("mo,io->mi", g, low_w).astype(x.dtype)
+    grad_w = _dot_f32("im,mo->io", _pad_rows(x.T, 1), _pad_rows(g, 0)).astype(w_kind.dtype)
+    return grad_x, grad_w
+
+
+_low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
+
+
+@jax.custom_vjp
+def _scores(q, k):
+    """q[B, T, N, H] . k[B, S, N, H] -> fp32[B, N, T, S] (low-precision operands)."""
+    return _dot_f32("btnh,bsnh->bnts", q, k)
+
+
+def _scores_fwd(q, k):
+    return _scores(q, k), (q, k)
+
+
+def _scores_bwd(residuals, g):
+    q, k = residuals
+    g = g.astype(q.dtype)
+    grad_q = _dot_f32("bnts,bsnh->btnh", g, k).astype(q.dtype)
+    grad_k = _dot_f32("bnst,btnh->bsnh", jnp.swapaxes(g, 2, 3), q).astype(k.dtype)
+    return grad_q, grad_k
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
+@jax.custom_vjp
+def _mix(p, v):
+    """p[B, N, T, S] . v[B, S, N, H] -> fp32[B, T, N, H] (low-precision operands)."""
+    return _dot_f32("bnts,bsnh->btnh", p, v)
+
+
+def _mix_fwd(p, v):
+    return _mix(p, v), (p, v)
+
+
+def _mix_bwd(residuals, g):
+    p, v = residuals
+    g = g.astype(v.dtype)
+    grad_p = _dot_f32("btnh,bsnh->bnts", g, v).astype(p.dtype)
+    grad_v = _dot_f32("bnst,btnh->bsnh", jnp.swapaxes(p, 2, 3), g).astype(v.dtype)
+    return grad_p, grad_v
+
+
+_mix.defvjp(_mix_fwd, _mix_bwd)
 
 
 class Dense(nn.Module):
@@ -68,8 +165,8 @@ class Dense(nn.Module):
             h = x
             if self.lora.dropout > 0.0 and self.has_rng("dropout"):
                 h = nn.Dropout(self.lora.dropout, deterministic=False)(h)
-            down = matmul(h, a.astype(self.dtype)).astype(self.dtype)
-            y = y + matmul(down, b.astype(self.dtype)) * jnp.asarray(self.lora.scale, y.dtype)
+            down = matmul(h, a).astype(self.dtype)
+            y = y + matmul(down, b) * jnp.asarray(self.lora.scale, y.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
                               (self.features,), self.param_dtype)
@@ -97,7 +194,7 @@ class Dense(nn.Module):
                 return jnp.concatenate(parts, axis=-1)
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                             (d_in, self.features), self.param_dtype)
-        return matmul(x, kernel.astype(self.dtype))
+        return matmul(x, kernel)
 
 
 QUANTIZED_BLOCK = 1 << 25  # weights of a quantized kernel converted at once (the 7B LM head: 4 blocks)
@@ -142,23 +239,16 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = 
 def attention(q, k, v, mask=None):
     """Multi-head attention. q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0 (GQA); mask
     bool broadcastable to [B, N, T, S]. fp32 inputs: XLA's / cudnn's kernel. Lower precision: both
-    einsums take the low-precision operands and accumulate in fp32, the softmax runs in fp32, and the
-    result is cast back (what the fused kernels of TPUs and GPUs do)."""
+    products take the low-precision operands and accumulate in fp32 (their gradients too), the softmax
+    runs in fp32, and the result is cast back (what the fused kernels of TPUs and GPUs do)."""
     if q.dtype == jnp.float32:
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     b, t, n, h = q.shape
-    kv, s = k.shape[2], k.shape[1]
-    groups = n // kv
-    # Grouped heads get a group axis; plain multi-head attention (the towers) keeps the simpler layout,
-    # which XLA:CPU runs ~10% faster.
-    if groups > 1:
-        q = q.reshape(b, t, kv, groups, h)
-        scores, mix, shape = "btkgh,bskh->bkgts", "bkgts,bskh->btkgh", (b, kv, groups, t, s)
-    else:
-        scores, mix, shape = "btnh,bsnh->bnts", "bnts,bsnh->btnh", (b, n, t, s)
-    logits = jnp.einsum(scores, q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
+    s = k.shape[1]
+    if k.shape[2] != n:  # grouped keys / values: each serves n / K query heads
+        k, v = (jnp.repeat(x, n // k.shape[2], axis=2) for x in (k, v))
+    logits = _scores(q, k.astype(q.dtype)) / jnp.sqrt(jnp.float32(h))
     if mask is not None:
-        logits = jnp.where(jnp.broadcast_to(mask, (b, n, t, s)).reshape(shape), logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(jnp.broadcast_to(mask, (b, n, t, s)), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum(mix, probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, h).astype(v.dtype)
+    return _mix(probs, v).astype(v.dtype)

@@ -188,7 +188,7 @@ class _PatchProjection(nn.Module):
         rows, cols = h // p, w // p
         patches = images[:, :rows * p, :cols * p].astype(self.dtype).reshape(b, rows, p, cols, p, c)
         patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, rows, cols, p * p * c)  # (kh, kw, c) order
-        out = matmul(patches, kernel.astype(self.dtype).reshape(p * p * c, self.width))
+        out = matmul(patches, kernel.reshape(p * p * c, self.width))
         return (out + bias.astype(jnp.float32)).astype(self.dtype)
 
 

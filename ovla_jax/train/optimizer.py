@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -72,9 +74,59 @@ def schedule(kind: str, lr: float, total_steps: int = 1, warmup_steps: int = 0, 
 
 
 def make_optimizer(*, lr_schedule, weight_decay: float = 0.0, clip_norm: float = 1.0, accumulate_steps: int = 1,
-                   b1: float = 0.9, b2: float = 0.999):
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
     """AdamW (decoupled weight decay) after global-norm clipping, for the trainable params (the step
-    hands it the trainable subtree: clipping sees the trainable gradients' norm)."""
-    tx = optax.chain(optax.clip_by_global_norm(clip_norm),
-                     optax.adamw(lr_schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    hands it the trainable subtree: clipping sees the trainable gradients' norm). Same math and same
+    state as ``optax.chain(optax.clip_by_global_norm, optax.adamw)``, updated in one pass per param
+    (:func:`fused_adamw`)."""
+    tx = fused_adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip_norm=clip_norm)
     return optax.MultiSteps(tx, accumulate_steps) if accumulate_steps > 1 else tx
+
+
+def reference_adamw(lr_schedule, *, b1: float, b2: float, eps: float, weight_decay: float, clip_norm: float):
+    """The optax chain that :func:`fused_adamw` computes (its state layout, and the tests' reference)."""
+    return optax.chain(optax.clip_by_global_norm(clip_norm),
+                       optax.adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+
+
+def fused_adamw(lr_schedule, *, b1: float, b2: float, eps: float, weight_decay: float, clip_norm: float):
+    """Clip-by-global-norm + AdamW as one elementwise expression per param.
+
+    Why: with 700M trainable params the optimizer is memory-bound, and optax's chain materializes the
+    clipped gradient (and, on XLA:CPU, further intermediates) as separate passes over every param-sized
+    array: 1.45 s of an 11 s full-size step on a 2-core CPU. Here the clip factor, bias corrections and
+    learning rate are scalars computed first, so each param's moments and update read the raw gradient
+    once. The state is the chain's (:func:`reference_adamw`), so checkpoints of either resume in the other.
+    """
+    reference = reference_adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip_norm=clip_norm)
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("AdamW's weight decay needs the params: call update(grads, state, params)")
+        clip_state, (adam, decay_state, schedule_state) = state
+        count = optax.safe_increment(adam.count)
+        norm = optax.global_norm(grads)
+        clip = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+        step_size = -lr_schedule(schedule_state.count)
+        bias1 = 1 - b1 ** count.astype(jnp.float32)
+        bias2 = 1 - b2 ** count.astype(jnp.float32)
+
+        def moments(g, mu, nu):
+            g = g.astype(jnp.float32) * clip
+            return ((1 - b1) * g + b1 * mu).astype(mu.dtype), ((1 - b2) * (g * g) + b2 * nu).astype(nu.dtype)
+
+        new = jax.tree.map(moments, grads, adam.mu, adam.nu)
+        is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+        mu = jax.tree.map(lambda pair: pair[0], new, is_leaf=is_pair)
+        nu = jax.tree.map(lambda pair: pair[1], new, is_leaf=is_pair)
+
+        def step(m, v, p):
+            direction = (m / bias1) / (jnp.sqrt(v / bias2) + eps) + weight_decay * p.astype(jnp.float32)
+            return (step_size * direction).astype(p.dtype)
+
+        updates = jax.tree.map(step, mu, nu, params)
+        adam = adam._replace(count=count, mu=mu, nu=nu)
+        schedule_state = schedule_state._replace(count=optax.safe_increment(schedule_state.count))
+        return updates, (clip_state, (adam, decay_state, schedule_state))
+
+    return optax.GradientTransformationExtraArgs(reference.init, update)
