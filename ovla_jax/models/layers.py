@@ -91,46 +91,31 @@ def _low_matmul_bwd(residuals, g):
 _low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
 
 
-@jax.custom_vjp
-def _scores(q, k):
-    """q[B, T, N, H] . k[B, S, N, H] -> fp32[B, N, T, S] (low-precision operands)."""
-    return _dot_f32("btnh,bsnh->bnts", q, k)
+def _low_product(spec: str, backward):
+    """A custom-VJP ``einsum(spec, a, b)`` of two low-precision operands -> fp32, whose backward pass is
+    ``backward(a, b, g)`` -> (grad_a, grad_b) with ``g`` already rounded to the operands' dtype."""
+
+    @jax.custom_vjp
+    def product(a, b):
+        return _dot_f32(spec, a, b)
+
+    def product_bwd(residuals, g):
+        a, b = residuals
+        grad_a, grad_b = backward(a, b, g.astype(a.dtype))
+        return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
+
+    product.defvjp(lambda a, b: (product(a, b), (a, b)), product_bwd)
+    return product
 
 
-def _scores_fwd(q, k):
-    return _scores(q, k), (q, k)
-
-
-def _scores_bwd(residuals, g):
-    q, k = residuals
-    g = g.astype(q.dtype)
-    grad_q = _dot_f32("bnts,bsnh->btnh", g, k).astype(q.dtype)
-    grad_k = _dot_f32("bnst,btnh->bsnh", jnp.swapaxes(g, 2, 3), q).astype(k.dtype)
-    return grad_q, grad_k
-
-
-_scores.defvjp(_scores_fwd, _scores_bwd)
-
-
-@jax.custom_vjp
-def _mix(p, v):
-    """p[B, N, T, S] . v[B, S, N, H] -> fp32[B, T, N, H] (low-precision operands)."""
-    return _dot_f32("bnts,bsnh->btnh", p, v)
-
-
-def _mix_fwd(p, v):
-    return _mix(p, v), (p, v)
-
-
-def _mix_bwd(residuals, g):
-    p, v = residuals
-    g = g.astype(v.dtype)
-    grad_p = _dot_f32("btnh,bsnh->bnts", g, v).astype(p.dtype)
-    grad_v = _dot_f32("bnst,btnh->bsnh", jnp.swapaxes(p, 2, 3), g).astype(v.dtype)
-    return grad_p, grad_v
-
-
-_mix.defvjp(_mix_fwd, _mix_bwd)
+# The attention products. Each rhs gradient contracts the lhs's query axis, so that operand goes in with
+# its last two axes swapped (contracted last, as XLA:CPU's bf16 kernels need).
+_scores = _low_product(  # q[B, T, N, H] . k[B, S, N, H] -> fp32[B, N, T, S]
+    "btnh,bsnh->bnts", lambda q, k, g: (_dot_f32("bnts,bsnh->btnh", g, k),
+                                        _dot_f32("bnst,btnh->bsnh", jnp.swapaxes(g, 2, 3), q)))
+_mix = _low_product(  # p[B, N, T, S] . v[B, S, N, H] -> fp32[B, T, N, H]
+    "bnts,bsnh->btnh", lambda p, v, g: (_dot_f32("btnh,bsnh->bnts", g, v),
+                                        _dot_f32("bnst,btnh->bsnh", jnp.swapaxes(p, 2, 3), g)))
 
 
 class Dense(nn.Module):

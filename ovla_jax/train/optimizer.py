@@ -100,7 +100,7 @@ def fused_adamw(lr_schedule, *, b1: float, b2: float, eps: float, weight_decay: 
     """
     reference = reference_adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip_norm=clip_norm)
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, **extra_args):
         if params is None:
             raise ValueError("AdamW's weight decay needs the params: call update(grads, state, params)")
         clip_state, (adam, decay_state, schedule_state) = state
